@@ -1,0 +1,226 @@
+"""Per-layer key/value memory: init tokens, the local window, and evicted events in the CPU tier.
+
+One LayerMemory per decoder layer. It stores raw (pre-RoPE) keys; the window also keeps a copy rotated
+to positions relative to the window start, so a chunk only rotates its own tokens. Events leave the
+window whole (the session decides the spans), are offloaded to CPU in `offload_dtype`, and keep one
+representative key each; a device LRU cache holds recently retrieved events in compute dtype.
+Knows nothing about tokens, text or segmentation.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import attend_causal_chunk, attend_grouped, merge_partials, received_attention
+from .config import EMLLMConfig
+from .positions import RotaryTable
+from .retrieval import group_query_for_scoring, select_events
+
+
+@dataclass
+class ChunkContext:
+    """Per-forward state shared by all layers, passed to the attention function as a forward kwarg."""
+
+    layers: list[LayerMemory]
+    rotary: RotaryTable
+    config: EMLLMConfig
+    event_sizes: torch.Tensor  # (E,) long, tokens per event, shared by every layer
+    retrieve: bool = True  # select events anew (else reuse each layer's last selection)
+    probe: bool = False  # score and attend, but store nothing (used by Session.retrieve)
+    probe_scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    max_local_distance: int = 0
+    max_memory_distance: int = 0
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class LayerMemory:
+    """Keys/values of one layer: init tokens, local window buffer, offloaded events and representatives."""
+
+    def __init__(self, layer_idx: int, num_kv_heads: int, head_dim: int, config: EMLLMConfig,
+                 device: torch.device, dtype: torch.dtype):
+        self.layer_idx = layer_idx
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.offload_dtype = getattr(torch, config.offload_dtype)
+        shape = (1, num_kv_heads, 0, head_dim)
+        self.init_k = torch.empty(shape, device=device, dtype=dtype)
+        self.init_v = torch.empty(shape, device=device, dtype=dtype)
+        capacity = config.n_local + config.chunk_size
+        buf = (1, num_kv_heads, capacity, head_dim)
+        self.k_raw = torch.empty(buf, device=device, dtype=dtype)
+        self.k_rot = torch.empty(buf, device=device, dtype=dtype)
+        self.v = torch.empty(buf, device=device, dtype=dtype)
+        self.mass = torch.zeros(capacity, device=device, dtype=torch.float32)
+        self.length = 0
+        self.events_k: list[torch.Tensor] = []  # CPU tier, (1,Hkv,len,D) each
+        self.events_v: list[torch.Tensor] = []
+        self.reprs = torch.empty(0, num_kv_heads * head_dim, device=device, dtype=torch.float32)
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._selection: tuple[int, ...] | None = None
+        self._global: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- attention step -------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ctx: ChunkContext) -> torch.Tensor:
+        """q (1,Hq,c,D), k/v (1,Hkv,c,D) raw -> attention output (1,Hq,c,D); stores k/v unless probing."""
+        window = self.length
+        rotary = ctx.rotary
+        q_local = rotary.rotate(q, window)
+        k_local = rotary.rotate(k, window)
+        parts = []
+        global_kv = self._global_kv(q, ctx)
+        if global_kv is not None:
+            q_mem = rotary.rotate_at(q, ctx.config.memory_distance)
+            parts.append(attend_grouped(q_mem, *global_kv, scale))
+            ctx.max_memory_distance = ctx.config.memory_distance
+        if window:
+            parts.append(attend_grouped(q_local, self.k_rot[:, :, :window], self.v[:, :, :window], scale))
+        parts.append(attend_causal_chunk(q_local, k_local, v, scale))
+        out, lse = merge_partials(parts)
+        ctx.max_local_distance = max(ctx.max_local_distance, window + q.shape[2] - 1)
+        if not ctx.probe:
+            mass = received_attention(q_local, self.k_rot[:, :, :window], k_local, lse, scale)
+            self._append(k, k_local, v, mass)
+        return out
+
+    def _global_kv(self, q: torch.Tensor, ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Init + retrieved events (keys at position 0), re-selected when ctx.retrieve is set."""
+        num_events = len(self.events_k)
+        if num_events == 0 or self.config.n_mem == 0:
+            return (self.init_k, self.init_v) if self.init_k.shape[2] else None
+        if not (ctx.retrieve or ctx.probe) and self._global is not None:
+            return self._global
+        q_mem_mean = ctx.rotary.rotate_at(q.mean(dim=2), ctx.config.memory_distance)  # (1,Hq,D)
+        scores = self.reprs @ group_query_for_scoring(q_mem_mean, self.init_k.shape[1])  # (E,)
+        chosen = select_events(scores, ctx.event_sizes, self.config.n_mem, self.config.contiguity_ratio)
+        if ctx.probe:
+            ctx.probe_scores[self.layer_idx] = scores
+        selection = tuple(chosen.tolist())
+        if selection == self._selection and self._global is not None:
+            return self._global
+        global_kv = self._gather(selection)
+        if not ctx.probe:
+            self._selection, self._global = selection, global_kv
+        return global_kv
+
+    def _gather(self, selection: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = [self._event_on_device(i) for i in selection]
+        keys = torch.cat([self.init_k, *(b[0] for b in blocks)], dim=2)
+        values = torch.cat([self.init_v, *(b[1] for b in blocks)], dim=2)
+        return keys, values
+
+    def _event_on_device(self, event_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._cache.get(event_id)
+        if cached is not None:
+            self._cache.move_to_end(event_id)
+            return cached
+        block = (
+            self.events_k[event_id].to(self.device, self.dtype, non_blocking=True),
+            self.events_v[event_id].to(self.device, self.dtype, non_blocking=True),
+        )
+        if self.config.device_cache_events:
+            self._cache[event_id] = block
+            while len(self._cache) > self.config.device_cache_events:
+                self._cache.popitem(last=False)
+        return block
+
+    def _append(self, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, mass: torch.Tensor) -> None:
+        window, c = self.length, k.shape[2]
+        self._ensure_capacity(window + c)
+        self.k_raw[:, :, window : window + c] = k
+        self.k_rot[:, :, window : window + c] = k_rot
+        self.v[:, :, window : window + c] = v
+        self.mass[: window + c] += mass
+        self.length = window + c
+
+    def _ensure_capacity(self, needed: int) -> None:
+        capacity = self.k_raw.shape[2]
+        if needed <= capacity:
+            return
+        grow = max(needed, 2 * capacity) - capacity
+        pad = (*self.k_raw.shape[:2], grow, self.k_raw.shape[3])
+        self.k_raw = torch.cat((self.k_raw, self.k_raw.new_empty(pad)), dim=2)
+        self.k_rot = torch.cat((self.k_rot, self.k_rot.new_empty(pad)), dim=2)
+        self.v = torch.cat((self.v, self.v.new_empty(pad)), dim=2)
+        self.mass = torch.cat((self.mass, self.mass.new_zeros(grow)))
+
+    # -- eviction -------------------------------------------------------------------------------
+    def window_keys(self, start: int, stop: int) -> torch.Tensor:
+        """Raw keys of window offsets [start, stop): (Hkv, n, D)."""
+        return self.k_raw[0, :, start:stop]
+
+    def evict(self, init_tokens: int, event_spans: list[tuple[int, int]], rotary: RotaryTable) -> None:
+        """Move the first `init_tokens` window tokens to init, then each span (window offsets, contiguous from
+        init_tokens) to a new event; shift the window and re-rotate it from position 0."""
+        if init_tokens:
+            self.init_k = torch.cat((self.init_k, self.k_raw[:, :, :init_tokens]), dim=2)
+            self.init_v = torch.cat((self.init_v, self.v[:, :, :init_tokens]), dim=2)
+        for start, stop in event_spans:
+            self._store_event(start, stop)
+        removed = event_spans[-1][1] if event_spans else init_tokens
+        self._shift(removed, rotary)
+
+    def _store_event(self, start: int, stop: int) -> None:
+        keys = self.k_raw[:, :, start:stop]
+        top = torch.topk(self.mass[start:stop], min(self.config.repr_topk, stop - start)).indices
+        representative = keys[0, :, top].float().mean(dim=1).reshape(1, -1)  # (1, Hkv*D)
+        self.reprs = torch.cat((self.reprs, representative))
+        self.events_k.append(keys.to("cpu", self.offload_dtype).contiguous())
+        self.events_v.append(self.v[:, :, start:stop].to("cpu", self.offload_dtype).contiguous())
+
+    def _shift(self, removed: int, rotary: RotaryTable) -> None:
+        if removed == 0:
+            return
+        remaining = self.length - removed
+        for buf in (self.k_raw, self.v):
+            buf[:, :, :remaining] = buf[:, :, removed : self.length].clone()
+        self.mass[:remaining] = self.mass[removed : self.length].clone()
+        self.mass[remaining:] = 0
+        self.length = remaining
+        self.k_rot[:, :, :remaining] = rotary.rotate(self.k_raw[:, :, :remaining], 0)
+
+    # -- truncation -----------------------------------------------------------------------------
+    def truncate_window(self, keep: int) -> None:
+        self.length = min(self.length, keep)
+        self.mass[self.length :] = 0
+
+    def truncate_events(self, keep_events: int, last_event_len: int | None) -> None:
+        """Keep the first keep_events events; optionally cut the last kept one to last_event_len tokens."""
+        del self.events_k[keep_events:], self.events_v[keep_events:]
+        self.reprs = self.reprs[:keep_events]
+        if last_event_len is not None and keep_events:
+            i = keep_events - 1
+            self.events_k[i] = self.events_k[i][:, :, :last_event_len].contiguous()
+            self.events_v[i] = self.events_v[i][:, :, :last_event_len].contiguous()
+            self.reprs[i] = self.events_k[i][0].float().mean(dim=1).reshape(-1)
+        self._cache.clear()
+        self._selection, self._global = None, None
+
+    def truncate_init(self, keep: int) -> None:
+        self.init_k = self.init_k[:, :, :keep]
+        self.init_v = self.init_v[:, :, :keep]
+        self._selection, self._global = None, None
+
+    # -- accounting -----------------------------------------------------------------------------
+    def device_bytes(self) -> int:
+        """Working set on the compute device: init, window buffers, representatives, cached events.
+
+        A cached block that is the CPU-tier tensor itself (same device and dtype) is not counted twice.
+        """
+        stored = {k.data_ptr() for k in self.events_k}
+        cached = sum(_nbytes(k) + _nbytes(v) for k, v in self._cache.values() if k.data_ptr() not in stored)
+        buffers = (self.init_k, self.init_v, self.k_raw, self.k_rot, self.v, self.mass, self.reprs)
+        return sum(_nbytes(t) for t in buffers) + cached
+
+    def cpu_bytes(self) -> int:
+        """The offloaded events (CPU tier)."""
+        return sum(_nbytes(k) + _nbytes(v) for k, v in zip(self.events_k, self.events_v, strict=True))
+
+
+__all__ = ["ChunkContext", "LayerMemory"]

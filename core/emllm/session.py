@@ -1,0 +1,409 @@
+"""Session: one episodic memory over a token stream — feed text, generate, retrieve, inspect, truncate.
+
+A session owns its per-layer memories and its timeline; the engine lends it the model. Generated tokens
+join the session: the last one is computed lazily, at the start of the next call. Every public method
+holds the session's lock, so threads sharing a session queue up.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from .episodes import Timeline, evict
+from .errors import EmptyInputError
+from .generation import GenerationConfig, TextAccumulator, choose_token
+from .memory import ChunkContext, LayerMemory
+from .segmentation import token_surprise
+
+if TYPE_CHECKING:
+    from .engine import EMLLM
+
+PROGRESS_MIN_TOKENS = 4096  # inputs at least this long show a progress bar unless told otherwise
+
+
+@dataclass(frozen=True)
+class RetrievalHit:
+    """An event that matches a query, with where its text sits in the session."""
+
+    event_id: int
+    token_start: int
+    token_end: int
+    char_start: int
+    char_end: int
+    source_id: str | None
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    """One stored event: its span, size and surprise."""
+
+    event_id: int
+    token_start: int
+    token_end: int
+    size: int
+    char_start: int
+    char_end: int
+    mean_surprise: float
+    max_surprise: float
+    source_id: str | None
+    text: str
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    session_id: str
+    tokens: int
+    tokens_computed: int
+    tokens_reused: int
+    events: int
+    init_tokens: int
+    window_tokens: int
+    pending_tokens: int
+    mean_event_size: float
+    device_bytes: int
+    cpu_bytes: int
+    disk_bytes: int
+    max_local_distance: int
+    memory_distance: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Session:
+    """An episodic memory over one token stream. Create it with `EMLLM.session(id)`."""
+
+    def __init__(self, engine: EMLLM, session_id: str):
+        self.engine = engine
+        self.id = session_id
+        self._lock = threading.RLock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything this session holds."""
+        engine = self.engine
+        with self._lock:
+            self.layers = [
+                LayerMemory(i, engine.num_kv_heads, engine.head_dim, engine.config, engine.device, engine.dtype)
+                for i in range(engine.num_layers)
+            ]
+            self.timeline = Timeline()
+            self._pending: list[int] = []
+            self._last_logprobs: torch.Tensor | None = None
+            self._event_sizes = torch.empty(0, dtype=torch.long)
+            self._text_parts: list[str] = []
+            self._char_len = 0
+            self._char_start: list[int] = []
+            self._char_end: list[int] = []
+            self._sources: list[tuple[int, str | None]] = []
+            self._tokens_computed = 0
+            self._tokens_reused = 0
+            self._max_local_distance = 0
+            self._decode_steps = 0
+
+    # -- reading ------------------------------------------------------------------------------------
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token of the session, fed and generated, in order."""
+        return self.timeline.token_ids + self._pending
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text_parts)
+
+    def feed(self, data: str | Sequence[int], source_id: str | None = None, *, progress: bool | None = None) -> int:
+        """Read text (or token ids) into memory; returns the number of tokens added."""
+        with self._lock:
+            ids = self._add_input(data, source_id)
+            self._compute(self._take_pending() + ids, progress=progress)
+            return len(ids)
+
+    def forward(self, data: str | Sequence[int], *, progress: bool | None = None) -> torch.Tensor:
+        """Like feed, but return the logits of every new token (T, V): for scoring and tests, not huge inputs."""
+        with self._lock:
+            ids = self._add_input(data, None)
+            pending = self._take_pending()
+            logits = self._compute(pending + ids, progress=progress, keep_logits=True)
+            return logits[len(pending) :]
+
+    def _add_input(self, data: str | Sequence[int], source_id: str | None) -> list[int]:
+        if isinstance(data, str):
+            if not data:
+                raise EmptyInputError("cannot feed empty text")
+            encoded = self.engine.tokenizer(data, add_special_tokens=False, return_offsets_mapping=True)
+            ids, text, offsets = list(encoded.input_ids), data, list(encoded.offset_mapping)
+        else:
+            ids = [int(t) for t in data]
+            if not ids:
+                raise EmptyInputError("cannot feed an empty token list")
+            self._check_vocab(ids)
+            text, offsets = self._text_with_offsets(ids)
+        if not ids:
+            raise EmptyInputError("the text produced no tokens")
+        self._record_text(len(self.token_ids), text, offsets, source_id)
+        return ids
+
+    def _check_vocab(self, ids: list[int]) -> None:
+        vocab = self.engine.model.get_input_embeddings().num_embeddings
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids out of the vocabulary (0..{vocab - 1}): {bad[:5]}")
+
+    def _text_with_offsets(self, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+        """Decoded text and per-token char spans (exact when re-encoding gives the same ids)."""
+        tokenizer = self.engine.tokenizer
+        text = tokenizer.decode(ids)
+        try:
+            again = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            if list(again.input_ids) == ids:
+                return text, list(again.offset_mapping)
+        except (NotImplementedError, ValueError):
+            pass
+        offsets, pos = [], 0
+        for token in ids:
+            piece = len(tokenizer.decode([token]))
+            offsets.append((pos, min(pos + piece, len(text))))
+            pos = min(pos + piece, len(text))
+        return text, offsets
+
+    def _record_text(self, first_token: int, text: str, offsets, source_id: str | None) -> None:
+        base = self._char_len
+        self._text_parts.append(text)
+        self._char_len += len(text)
+        self._char_start.extend(base + a for a, _ in offsets)
+        self._char_end.extend(base + b for _, b in offsets)
+        if not self._sources or self._sources[-1][1] != source_id:
+            self._sources.append((first_token, source_id))
+
+    def _take_pending(self) -> list[int]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    # -- computing ----------------------------------------------------------------------------------
+    def _compute(
+        self, ids: list[int], *, progress: bool | None = None, query_tail: int = 0, keep_logits: bool = False
+    ) -> torch.Tensor:
+        """Run ids through the model chunk by chunk; returns the last logits (V,) or all (T, V)."""
+        chunks = _split_chunks(ids, self.engine.config.chunk_size, query_tail)
+        show = progress if progress is not None else len(ids) >= PROGRESS_MIN_TOKENS
+        kept = []
+        with tqdm(total=len(ids), unit="tok", desc=f"reading ({self.id})", disable=not show, leave=False) as bar:
+            for chunk in chunks:
+                logits = self._step(chunk, retrieve=True, all_logits=keep_logits)
+                if keep_logits:
+                    kept.append(logits)
+                bar.update(len(chunk))
+        self._decode_steps = 0
+        return torch.cat(kept) if keep_logits else logits[-1]
+
+    def _step(self, chunk: list[int], *, retrieve: bool, all_logits: bool = False) -> torch.Tensor:
+        config = self.engine.config
+        context = ChunkContext(self.layers, self.engine.rotary, config, self._event_sizes, retrieve=retrieve)
+        want_surprise = config.segmentation == "surprise" and len(chunk) > 1
+        logits = self.engine.run_model(chunk, context, all_logits=all_logits or want_surprise)
+        surprise = torch.full((len(chunk),), float("nan"))
+        if self._last_logprobs is not None:
+            surprise[0] = -self._last_logprobs[chunk[0]]
+        if want_surprise:
+            surprise[1:] = token_surprise(logits[:-1], torch.tensor(chunk[1:], device=logits.device)).cpu()
+        self.timeline.append(chunk, surprise, config)
+        if evict(self.timeline, self.layers, config, self.engine.rotary):
+            self._event_sizes = self.timeline.event_sizes()
+        self._last_logprobs = torch.log_softmax(logits[-1].float(), dim=-1).cpu()
+        self._tokens_computed += len(chunk)
+        self._max_local_distance = max(self._max_local_distance, context.max_local_distance)
+        return logits
+
+    # -- generating ---------------------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int] | None = None, **options) -> str:
+        """Continue the session (after reading `prompt`, if given); returns the generated text.
+
+        Options are GenerationConfig fields: max_new_tokens, temperature, top_k, top_p, stop, seed.
+        """
+        return "".join(self.stream(prompt, **options))
+
+    def stream(self, prompt: str | Sequence[int] | None = None, **options) -> Iterator[str]:
+        """Like generate, yielding text pieces as they are decoded."""
+        generation = GenerationConfig(**options)
+        with self._lock:
+            logits = self._prepare(prompt)
+            acc = TextAccumulator(self.engine.tokenizer, generation.stop, self.token_ids)
+            generator = None
+            if generation.seed is not None:
+                generator = torch.Generator().manual_seed(generation.seed)
+            new_ids: list[int] = []
+            try:
+                for step in range(generation.max_new_tokens):
+                    if step:
+                        logits = self._decode_pending()
+                    token = choose_token(logits, generation, generator)
+                    new_ids.append(token)
+                    self._pending.append(token)
+                    if token in self.engine.eos_token_ids:
+                        break
+                    piece = acc.add(token)
+                    if piece:
+                        yield piece
+                    if acc.stopped:
+                        break
+                tail = acc.flush()
+                if tail:
+                    yield tail
+            finally:
+                text, offsets = self._text_with_offsets(new_ids) if new_ids else ("", [])
+                self._record_text(len(self.token_ids) - len(new_ids), text, offsets, None)
+
+    def _prepare(self, prompt: str | Sequence[int] | None) -> torch.Tensor:
+        """Compute the prompt (its last tokens as their own chunk) and any pending tokens; -> next logits."""
+        ids = self._add_input(prompt, None) if prompt is not None else []
+        todo = self._take_pending() + ids
+        if todo:
+            return self._compute(todo, query_tail=self.engine.config.query_chunk)
+        if self._last_logprobs is None:
+            raise EmptyInputError("nothing to continue from: give a prompt or feed text first")
+        return self._last_logprobs
+
+    def _decode_pending(self) -> torch.Tensor:
+        interval = self.engine.config.decode_retrieval_interval
+        retrieve = self._decode_steps % interval == 0
+        self._decode_steps += 1
+        return self._step(self._take_pending(), retrieve=retrieve)[-1]
+
+    # -- memory access ------------------------------------------------------------------------------
+    def retrieve(self, query: str, k: int = 5) -> list[RetrievalHit]:
+        """The k stored events most relevant to `query`, scored by every layer's episodic retrieval.
+
+        Runs the query through the model without storing it; per layer, event scores are standardised,
+        then averaged over layers.
+        """
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        with self._lock:
+            ids = self.engine.encode(query)[-self.engine.config.chunk_size :]
+            if not ids:
+                raise EmptyInputError("cannot retrieve with an empty query")
+            if not self.timeline.events:
+                return []
+            context = ChunkContext(
+                self.layers, self.engine.rotary, self.engine.config, self._event_sizes, probe=True
+            )
+            self.engine.run_model(ids, context, all_logits=False)
+            scores = torch.stack([context.probe_scores[i] for i in sorted(context.probe_scores)]).float()
+            std = scores.std(dim=1, keepdim=True).clamp_min(1e-6) if scores.shape[1] > 1 else 1.0
+            combined = ((scores - scores.mean(dim=1, keepdim=True)) / std).mean(dim=0)
+            top = torch.topk(combined, min(k, combined.shape[0]))
+            return [
+                RetrievalHit(score=float(s), **self._span_fields(int(i)))
+                for s, i in zip(top.values, top.indices, strict=True)
+            ]
+
+    def events(self) -> list[EventInfo]:
+        """Every stored event, oldest first."""
+        with self._lock:
+            infos = []
+            for i, (start, stop) in enumerate(self.timeline.events):
+                surprise = self.timeline.surprise[start:stop]
+                known = surprise[~torch.isnan(surprise)]
+                infos.append(EventInfo(
+                    size=stop - start,
+                    mean_surprise=float(known.mean()) if known.numel() else float("nan"),
+                    max_surprise=float(known.max()) if known.numel() else float("nan"),
+                    **self._span_fields(i),
+                ))
+            return infos
+
+    def _span_fields(self, event_id: int) -> dict:
+        start, stop = self.timeline.events[event_id]
+        char_start, char_end = self._char_start[start], self._char_end[stop - 1]
+        return dict(
+            event_id=event_id,
+            token_start=start,
+            token_end=stop,
+            char_start=char_start,
+            char_end=char_end,
+            source_id=self._source_of(start),
+            text=self.text[char_start:char_end],
+        )
+
+    def _source_of(self, token: int) -> str | None:
+        starts = [s for s, _ in self._sources]
+        i = bisect.bisect_right(starts, token) - 1
+        return self._sources[i][1] if i >= 0 else None
+
+    def truncate(self, n_tokens: int) -> None:
+        """Cut the session back to its first n_tokens (for a history that diverged)."""
+        with self._lock:
+            total = len(self.token_ids)
+            if not 0 <= n_tokens <= total:
+                raise ValueError(f"n_tokens must be within 0..{total}, got {n_tokens}")
+            computed = self.timeline.num_tokens
+            if n_tokens >= computed:
+                del self._pending[n_tokens - computed :]
+            else:
+                self._pending.clear()
+                self._truncate_memory(n_tokens)
+            self._truncate_text(n_tokens)
+
+    def _truncate_memory(self, n_tokens: int) -> None:
+        window_start = self.timeline.window_start
+        kept_events, last_len = self.timeline.truncate(n_tokens)
+        for layer in self.layers:
+            if n_tokens >= window_start:
+                layer.truncate_window(n_tokens - window_start)
+            else:
+                layer.truncate_window(0)
+                layer.truncate_events(kept_events, last_len)
+                layer.truncate_init(self.timeline.init_len)
+        self._event_sizes = self.timeline.event_sizes()
+        self._last_logprobs = None  # the logits after the new last token were never kept
+
+    def _truncate_text(self, n_tokens: int) -> None:
+        chars = self._char_end[n_tokens - 1] if n_tokens else 0
+        del self._char_start[n_tokens:], self._char_end[n_tokens:]
+        text = self.text[:chars]
+        self._text_parts, self._char_len = [text], len(text)
+        self._sources = [(s, src) for s, src in self._sources if s < n_tokens]
+
+    def stats(self) -> SessionStats:
+        with self._lock:
+            timeline = self.timeline
+            sizes = self._event_sizes
+            return SessionStats(
+                session_id=self.id,
+                tokens=len(self.token_ids),
+                tokens_computed=self._tokens_computed,
+                tokens_reused=self._tokens_reused,
+                events=len(timeline.events),
+                init_tokens=timeline.init_len,
+                window_tokens=timeline.window_len,
+                pending_tokens=len(self._pending),
+                mean_event_size=float(sizes.float().mean()) if sizes.numel() else 0.0,
+                device_bytes=sum(layer.device_bytes() for layer in self.layers),
+                cpu_bytes=sum(layer.cpu_bytes() for layer in self.layers),
+                disk_bytes=0,
+                max_local_distance=self._max_local_distance,
+                memory_distance=self.engine.config.memory_distance,
+            )
+
+
+def _split_chunks(ids: list[int], chunk_size: int, query_tail: int) -> list[list[int]]:
+    """Chunks of chunk_size; with query_tail, the last query_tail tokens form a chunk of their own."""
+    body, tail = ids, []
+    if 0 < query_tail < len(ids):
+        body, tail = ids[:-query_tail], ids[-query_tail:]
+    chunks = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
+    if tail:
+        chunks.append(tail)
+    return chunks
+
+
+__all__ = ["EventInfo", "RetrievalHit", "Session", "SessionStats"]

@@ -1,0 +1,1 @@
+"""emllm_integrations: thin LangChain and LlamaIndex adapters over the `emllm` engine."""
