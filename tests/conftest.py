@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -69,7 +71,7 @@ def tiny_model(arch: str = "llama", *, layers: int = 2, max_positions: int = 409
 
 def reference_copy(model):
     """The same weights with transformers' own sdpa attention: the full-attention oracle."""
-    clone = type(model)(model.config).eval()
+    clone = type(model)(copy.deepcopy(model.config)).eval()  # the attention choice lives on the config
     clone.load_state_dict(model.state_dict())
     clone.set_attn_implementation("sdpa")
     return clone

@@ -382,6 +382,14 @@ def test_refine_respects_min_size() -> None:
     assert refine_boundaries(a, [0, 6], "modularity", min_size=1) == [0, 2]
 
 
+@pytest.mark.parametrize("metric", ["modularity", "conductance"])
+def test_refine_respects_max_size(metric: str) -> None:
+    """A planted block edge beyond max_size must not pull an event past it."""
+    a = _planted([28, 4])
+    assert refine_boundaries(a, [0, 16], metric, min_size=1) == [0, 28]
+    assert refine_boundaries(a, [0, 16], metric, min_size=1, max_size=16) == [0, 16]
+
+
 def test_refine_none_and_errors() -> None:
     a = _planted([5, 5])
     assert refine_boundaries(a, [0, 3, 7], "none") == [0, 3, 7]

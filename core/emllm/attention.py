@@ -54,7 +54,13 @@ def attend_reference(
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention returning the log-sum-exp, on the fastest path available (same contract as the reference)."""
+    """Attention returning the log-sum-exp, on the fastest path available (same contract as the reference).
+
+    Zero keys give zero output and lse -inf (a part that contributes nothing to merge_partials); the CPU
+    flash kernel would divide by zero on them.
+    """
+    if k.shape[-2] == 0:
+        return torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf"), device=q.device)
     if _backend == "auto" and q.device.type == "cpu" and _HAS_CPU_FLASH and (not causal or q.shape[-2] == k.shape[-2]):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
         return out, lse.float()

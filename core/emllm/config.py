@@ -51,7 +51,8 @@ class EMLLMConfig(BaseModel):
         default=16, ge=1, description="When generating, retrieve again every this many tokens (1 = every token)."
     )
     query_chunk: int = Field(
-        default=32, ge=0, description="The last tokens of a prompt run as their own chunk, so the question drives retrieval (0 = off)."
+        default=32, ge=0, description="The last tokens of a prompt run as their own chunk, so the question drives retrieval "
+        "(0 = off; at most chunk_size are used)."
     )
     offload_dtype: OffloadDtype = Field(default="bfloat16", description="Dtype of event keys/values in the CPU tier.")
     device_cache_events: int = Field(

@@ -109,7 +109,9 @@ def refine_spans(
     keys = torch.stack([layers[i].window_keys(first, last) for i in band])  # (L, Hkv, n, D)
     adjacency = key_similarity_graph(keys)
     starts = [start - first for start, _ in spans]
-    refined = refine_boundaries(adjacency, starts, config.refinement, config.min_event_size)
+    refined = refine_boundaries(
+        adjacency, starts, config.refinement, config.min_event_size, config.max_event_size
+    )
     ends = [*refined[1:], last - first]
     return [(first + a, first + b) for a, b in zip(refined, ends, strict=True)]
 

@@ -147,7 +147,7 @@ def _pick_split(scores: torch.Tensor, lo: int, hi: int, original: int, metric: s
 
 
 def refine_boundaries(
-    adjacency: torch.Tensor, starts: list[int], metric: str, min_size: int = 1
+    adjacency: torch.Tensor, starts: list[int], metric: str, min_size: int = 1, max_size: int | None = None
 ) -> list[int]:
     """Move each internal event boundary to the best two-community split of its two neighbouring events.
 
@@ -155,7 +155,8 @@ def refine_boundaries(
     the run, starts[0] == 0 (the run ends at n). Left to right, boundary i moves within (new[i-1], next),
     next being starts[i+1] or n, to the split of adjacency[new[i-1]:next, new[i-1]:next] maximising
     modularity or minimising conductance. Both events keep >= min_size tokens when the span allows
-    (span >= 2 * min_size), else just non-empty. Ties go to the candidate closest to the original position
+    (span >= 2 * min_size), else just non-empty; with max_size, neither event grows past it (the original
+    position always satisfies that, since each step keeps its right event within max_size). Ties go to the candidate closest to the original position
     (then the left one). The number of events is unchanged; metric "none" returns starts unchanged.
     """
     if metric == "none":
@@ -174,7 +175,10 @@ def refine_boundaries(
         span = hi - lo
         scores = split_scores(adjacency[lo:hi, lo:hi], metric)  # (span-1,)
         margin = min_size if span >= 2 * min_size else 1
-        new.append(lo + _pick_split(scores, margin, span - margin, starts[i] - lo, metric))
+        first, last = margin, span - margin
+        if max_size is not None and max(first, span - max_size) <= min(last, max_size):
+            first, last = max(first, span - max_size), min(last, max_size)
+        new.append(lo + _pick_split(scores, first, last, starts[i] - lo, metric))
     return new
 
 

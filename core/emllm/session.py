@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -122,14 +123,14 @@ class Session:
 
     def feed(self, data: str | Sequence[int], source_id: str | None = None, *, progress: bool | None = None) -> int:
         """Read text (or token ids) into memory; returns the number of tokens added."""
-        with self._lock:
+        with self._lock, self._rollback_on_error():
             ids = self._add_input(data, source_id)
             self._compute(self._take_pending() + ids, progress=progress)
             return len(ids)
 
     def forward(self, data: str | Sequence[int], *, progress: bool | None = None) -> torch.Tensor:
         """Like feed, but return the logits of every new token (T, V): for scoring and tests, not huge inputs."""
-        with self._lock:
+        with self._lock, self._rollback_on_error():
             ids = self._add_input(data, None)
             pending = self._take_pending()
             logits = self._compute(pending + ids, progress=progress, keep_logits=True)
@@ -184,6 +185,22 @@ class Session:
         if not self._sources or self._sources[-1][1] != source_id:
             self._sources.append((first_token, source_id))
 
+    @contextmanager
+    def _rollback_on_error(self):
+        """If reading input fails or is interrupted, return to the state before it: nothing half-read."""
+        base, old_pending, first = self.timeline.num_tokens, list(self._pending), len(self.token_ids)
+        try:
+            yield
+        except BaseException:
+            if self.timeline.num_tokens > base:
+                kept = self.timeline.token_ids[:base]
+                self._truncate_memory(max(base - 1, 0))
+                self._pending = kept[base - 1 : base] + old_pending
+            else:
+                self._pending = old_pending
+            self._truncate_text(first)
+            raise
+
     def _take_pending(self) -> list[int]:
         pending, self._pending = self._pending, []
         return pending
@@ -235,7 +252,8 @@ class Session:
         """Like generate, yielding text pieces as they are decoded."""
         generation = GenerationConfig(**options)
         with self._lock:
-            logits = self._prepare(prompt)
+            with self._rollback_on_error():
+                logits = self._prepare(prompt)
             acc = TextAccumulator(self.engine.tokenizer, generation.stop, self.token_ids)
             generator = None
             if generation.seed is not None:
@@ -267,7 +285,8 @@ class Session:
         ids = self._add_input(prompt, None) if prompt is not None else []
         todo = self._take_pending() + ids
         if todo:
-            return self._compute(todo, query_tail=self.engine.config.query_chunk)
+            config = self.engine.config
+            return self._compute(todo, query_tail=min(config.query_chunk, config.chunk_size))
         if self._last_logprobs is None:
             raise EmptyInputError("nothing to continue from: give a prompt or feed text first")
         return self._last_logprobs
@@ -345,12 +364,14 @@ class Session:
             total = len(self.token_ids)
             if not 0 <= n_tokens <= total:
                 raise ValueError(f"n_tokens must be within 0..{total}, got {n_tokens}")
+            ids = self.token_ids
             computed = self.timeline.num_tokens
             if n_tokens >= computed:
                 del self._pending[n_tokens - computed :]
             else:
-                self._pending.clear()
-                self._truncate_memory(n_tokens)
+                # the logits after the new last token were never kept: recompute that token lazily
+                self._truncate_memory(max(n_tokens - 1, 0))
+                self._pending = ids[n_tokens - 1 : n_tokens]
             self._truncate_text(n_tokens)
 
     def _truncate_memory(self, n_tokens: int) -> None:
@@ -364,7 +385,7 @@ class Session:
                 layer.truncate_events(kept_events, last_len)
                 layer.truncate_init(self.timeline.init_len)
         self._event_sizes = self.timeline.event_sizes()
-        self._last_logprobs = None  # the logits after the new last token were never kept
+        self._last_logprobs = None
 
     def _truncate_text(self, n_tokens: int) -> None:
         chars = self._char_end[n_tokens - 1] if n_tokens else 0

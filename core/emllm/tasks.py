@@ -86,16 +86,17 @@ def random_key(rng: random.Random, digits: int = 5) -> str:
 
 
 def planted_fact_probe(tokenizer, text: str, depth: float = 0.4) -> Probe:
-    """The demo's task: a fact planted in a novel excerpt, asked about at the end."""
-    fact = (
-        "\n\nMr. Bennet kept one secret from his family: the combination of the old library safe "
-        "at Longbourn was 7-3-9-1.\n\n"
-    )
+    """The demo's task: a secret code planted in a novel excerpt, asked about at the end.
+
+    SmolLM2-135M answers it with full attention at 2k and 4k tokens of the same novel (checked), so a
+    failure at 20k is memory's, not the model's reading.
+    """
+    fact = "\n\nThe secret code of the Longbourn library is 73914. Remember it. 73914 is the secret code.\n\n"
     at = text.find("\n\n", int(len(text) * depth))
     content = text[:at] + fact + text[at:]
-    question = "\n\nWhat was the combination of the library safe at Longbourn?"
-    context, question = _render_user_turn(tokenizer, content, question, " The combination was")
-    return Probe(context=context, question=question, answer="7-3-9-1")
+    question = "\n\nWhat is the secret code of the Longbourn library?"
+    context, question = _render_user_turn(tokenizer, content, question, " The secret code is")
+    return Probe(context=context, question=question, answer="73914")
 
 
 __all__ = [

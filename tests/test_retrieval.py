@@ -1,0 +1,205 @@
+"""Tests for emllm.retrieval: the similarity + contiguity selection under a token budget, the grouped query
+used for scoring, and retrieval of a planted event through a layer's memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from emllm.memory import ChunkContext
+from emllm.positions import apply_rotary
+from emllm.retrieval import group_query_for_scoring, select_events
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy machine (25 ms per matmul)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_valid(chosen: torch.Tensor, sizes: torch.Tensor, budget: int) -> list[int]:
+    assert chosen.dtype == torch.long and chosen.dim() == 1
+    ids = chosen.tolist()
+    assert ids == sorted(set(ids)), f"not sorted and unique: {ids}"
+    assert all(0 <= i < len(sizes) for i in ids), f"out of range: {ids}"
+    used = int(sizes[chosen].sum()) if ids else 0
+    assert used <= budget, f"selected {used} tokens > budget {budget}: {ids}"
+    return ids
+
+
+# ---------------------------------------------------------------- select_events
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    data=st.data(),
+    num_events=st.integers(min_value=0, max_value=20),
+    budget=st.integers(min_value=0, max_value=120),
+    ratio=st.floats(min_value=0.0, max_value=0.95),
+)
+def test_select_events_invariants(data, num_events, budget, ratio) -> None:
+    """Within budget, sorted, unique; the best event is in whenever it fits; nothing left out that fits."""
+    sizes = torch.tensor(data.draw(st.lists(st.integers(1, 24), min_size=num_events, max_size=num_events)))
+    finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+    scores = torch.tensor(data.draw(st.lists(finite, min_size=num_events, max_size=num_events, unique=True)))
+    chosen = select_events(scores, sizes.long(), budget, ratio)
+    ids = _check_valid(chosen, sizes, budget)
+    if num_events == 0 or budget == 0:
+        assert ids == []
+        return
+    best = int(scores.argmax())
+    if sizes[best] <= budget:
+        assert best in ids, f"best event {best} (size {int(sizes[best])}) left out of {ids}"
+    left = budget - int(sizes[chosen].sum())
+    unfit = [i for i in range(num_events) if i not in ids and sizes[i] <= left]
+    assert not unfit, f"events {unfit} still fit in the {left} tokens left over"
+
+
+def test_select_events_planted_event() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(30, generator=g)
+    sizes = torch.randint(4, 17, (30,), generator=g)
+    scores[17] = 50.0
+    chosen = select_events(scores, sizes, budget=40, contiguity_ratio=0.3)
+    assert 17 in chosen.tolist()
+    _check_valid(chosen, sizes, 40)
+
+
+def test_select_events_similarity_buffer_is_top_by_score() -> None:
+    """The best events that fit budget * (1 - ratio) are all taken, whatever their neighbours."""
+    scores = torch.tensor([0.0, 9.0, 0.1, 0.2, 8.0, 0.3, 0.4, 7.0, 0.5, 0.6])
+    sizes = torch.full((10,), 4)
+    chosen = select_events(scores, sizes, budget=20, contiguity_ratio=0.4).tolist()  # 12 tokens: 3 events
+    assert {1, 4, 7} <= set(chosen)
+    assert len(chosen) == 5
+
+
+def test_select_events_contiguity_includes_neighbours_of_top() -> None:
+    scores = torch.tensor([5.0, 1.0, 9.0, 0.5, 4.0, 3.0, 6.0])
+    sizes = torch.tensor([4, 4, 4, 4, 4, 4, 4])
+    # similarity budget int(16 * 0.5) = 8 tokens: events 2 and 6; neighbours 1, 3 (of 2) fill the rest.
+    chosen = select_events(scores, sizes, budget=16, contiguity_ratio=0.5).tolist()
+    assert chosen == [1, 2, 3, 6]
+    # Without a contiguity share the budget goes by score: 2, 6, 0, 4.
+    assert select_events(scores, sizes, budget=16, contiguity_ratio=0.0).tolist() == [0, 2, 4, 6]
+
+
+def test_select_events_contiguity_skips_neighbours_that_do_not_fit() -> None:
+    scores = torch.tensor([0.0, 1.0, 9.0, 2.0, 0.0])
+    sizes = torch.tensor([2, 20, 3, 2, 2])
+    chosen = select_events(scores, sizes, budget=8, contiguity_ratio=0.5).tolist()
+    assert 2 in chosen and 3 in chosen and 1 not in chosen
+    _check_valid(torch.tensor(chosen), sizes, 8)
+
+
+def test_select_events_edge_of_the_table() -> None:
+    """Top event at index 0 or E-1: only the neighbour that exists is added."""
+    sizes = torch.full((5,), 3)
+    first = select_events(torch.tensor([9.0, 0.0, 1.0, 2.0, 3.0]), sizes, budget=6, contiguity_ratio=0.5)
+    assert first.tolist() == [0, 1]
+    last = select_events(torch.tensor([3.0, 2.0, 1.0, 0.0, 9.0]), sizes, budget=6, contiguity_ratio=0.5)
+    assert last.tolist() == [3, 4]
+
+
+@pytest.mark.parametrize("budget", [4, 9, 20, 1000])
+def test_select_events_ratio_zero_fills_by_score(budget) -> None:
+    g = torch.Generator().manual_seed(budget)
+    scores = torch.randn(12, generator=g)
+    sizes = torch.full((12,), 4)
+    chosen = select_events(scores, sizes, budget, contiguity_ratio=0.0)
+    k = min(budget // 4, 12)
+    expected = sorted(torch.argsort(scores, descending=True)[:k].tolist())
+    assert chosen.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("scores", "sizes", "budget"),
+    [
+        (torch.empty(0), torch.empty(0, dtype=torch.long), 10),
+        (torch.tensor([1.0, 2.0]), torch.tensor([3, 3]), 0),
+        (torch.tensor([1.0, 2.0]), torch.tensor([3, 3]), -5),
+        (torch.tensor([1.0, 2.0]), torch.tensor([8, 9]), 7),
+    ],
+)
+def test_select_events_nothing_to_select(scores, sizes, budget) -> None:
+    chosen = select_events(scores, sizes, budget, contiguity_ratio=0.3)
+    assert chosen.dtype == torch.long and chosen.shape == (0,)
+
+
+def test_select_events_accepts_low_precision_scores() -> None:
+    scores = torch.tensor([0.5, 3.0, 1.0], dtype=torch.bfloat16)
+    assert select_events(scores, torch.tensor([2, 2, 2]), 2, 0.0).tolist() == [1]
+
+
+# ---------------------------------------------------------------- group_query_for_scoring
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_group_query_for_scoring_equals_sum_over_heads(groups) -> None:
+    hkv, d, num_events = 2, 8, 6
+    g = torch.Generator().manual_seed(groups)
+    q_mean = torch.randn(1, hkv * groups, d, generator=g)
+    reprs = torch.randn(num_events, hkv * d, generator=g)
+    got = reprs @ group_query_for_scoring(q_mean, hkv)
+    expected = torch.zeros(num_events, dtype=torch.float64)
+    for e in range(num_events):
+        per_kv = reprs[e].double().reshape(hkv, d)
+        for h in range(hkv * groups):
+            expected[e] += q_mean[0, h].double() @ per_kv[h // groups]
+    diff = (got.double() - expected).abs()
+    assert diff.max() < 1e-5, f"max diff {diff.max():.3e} (mean {diff.mean():.3e})"
+
+
+def test_group_query_for_scoring_dtype_and_shape() -> None:
+    out = group_query_for_scoring(torch.randn(1, 6, 4, dtype=torch.bfloat16), 3)
+    assert out.dtype == torch.float32 and out.shape == (12,)
+
+
+# ---------------------------------------------------------------- planted representative, end to end
+
+
+def _query_scoring_as(direction: torch.Tensor, engine, c: int) -> torch.Tensor:
+    """Raw queries (1,Hq,c,D) whose mean, rotated to memory_distance, puts each head on its KV head's slice
+    of `direction` (Hkv*D,)."""
+    hkv, d = engine.num_kv_heads, engine.head_dim
+    hq = engine.model.config.num_attention_heads
+    target = direction.reshape(hkv, d).repeat_interleave(hq // hkv, dim=0)  # (Hq, D)
+    p = engine.config.memory_distance
+    raw = apply_rotary(target, engine.rotary.cos[p], -engine.rotary.sin[p])  # inverse rotation
+    assert torch.allclose(engine.rotary.rotate_at(raw, p), target, atol=1e-5)
+    return raw[None, :, None, :].expand(1, hq, c, d).contiguous()
+
+
+def test_planted_representative_is_retrieved(make_engine) -> None:
+    engine = make_engine(n_init=4, n_local=64, n_mem=24, chunk_size=16, min_event_size=4, max_event_size=8)
+    session = engine.session("plant")
+    session.feed(torch.randint(0, 256, (224,), generator=torch.Generator().manual_seed(0)).tolist())
+    sizes = session.timeline.event_sizes()
+    num_events = len(sizes)
+    assert num_events >= 8, f"too few events to test retrieval: {num_events}"
+    planted = num_events // 2
+    direction = torch.randn(engine.num_kv_heads * engine.head_dim, generator=torch.Generator().manual_seed(1))
+    direction /= direction.norm()
+    for layer in session.layers:
+        assert layer.reprs.shape == (num_events, direction.numel())
+        layer.reprs[planted] = 50.0 * direction
+
+    for sign, check in ((1.0, "argmax"), (-1.0, "argmin")):
+        q = _query_scoring_as(sign * direction, engine, c=4)
+        context = ChunkContext(session.layers, engine.rotary, engine.config, sizes, probe=True)
+        for layer in session.layers:
+            keys, _ = layer._global_kv(q.to(engine.dtype), context)
+            scores = context.probe_scores[layer.layer_idx]
+            assert int(getattr(scores, check)()) == planted, f"layer {layer.layer_idx}: {check} {scores}"
+            if sign < 0:
+                continue
+            config = engine.config
+            chosen = select_events(scores, sizes, config.n_mem, config.contiguity_ratio).tolist()
+            assert planted in chosen
+            start = layer.init_k.shape[2] + int(sizes[[e for e in chosen if e < planted]].sum())
+            block = layer.events_k[planted].to(keys.dtype)
+            assert torch.equal(keys[:, :, start : start + block.shape[2]], block), "planted keys not gathered"

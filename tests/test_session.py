@@ -1,0 +1,503 @@
+"""The Session API as a caller sees it: input validation and typed errors, independent sessions,
+generation invariants (max_new_tokens, greedy determinism, seeds, stop strings, streaming), char spans and
+sources of events, truncation, threads, and stats."""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import emllm
+import pytest
+import torch
+import transformers
+from conftest import EOS, ByteTokenizer, tiny_model
+from test_episodes import assert_memory_consistent
+
+PROMPT = "Once upon a time, "
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box threads cost 10-30x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """One shared engine (sessions are independent); tests that need other settings build their own."""
+    from emllm import EMLLM, EMLLMConfig
+
+    config = EMLLMConfig(n_init=4, n_local=64, n_mem=48, chunk_size=16, min_event_size=4, max_event_size=16)
+    return EMLLM(tiny_model(), ByteTokenizer(), config)
+
+
+def random_ids(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def prose(n_chars: int, seed: int = 0, *, ascii_only: bool = False) -> str:
+    """Deterministic text with a few multi-byte characters (unless ascii_only)."""
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "seven", "quiet", "engines", "hummed"]
+    words += ["under", "grey", "café", "skies", "—", "nobody", "spoke"]
+    rng = random.Random(seed)
+    text = ""
+    while len(text) < n_chars:
+        text += rng.choice(words) + " "
+    if ascii_only:
+        text = text.replace("é", "e").replace("—", "-")
+    return text[:n_chars]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_empty_input_is_refused(engine) -> None:
+    session = engine.session()
+    session.feed("hello")
+    before = (session.token_ids, session.text)
+    for empty in ("", []):
+        with pytest.raises(emllm.EmptyInputError):
+            session.feed(empty)
+        with pytest.raises(emllm.EmptyInputError):
+            session.forward(empty)
+        with pytest.raises(emllm.EmptyInputError):
+            session.generate(empty, max_new_tokens=2)
+    assert (session.token_ids, session.text) == before
+
+
+@pytest.mark.parametrize("bad", [[300], [-1], [65, 260], [65, 10**6]])
+def test_out_of_vocabulary_ids_are_refused(engine, bad) -> None:
+    session = engine.session()
+    session.feed("hi")
+    with pytest.raises(ValueError, match="vocabulary"):
+        session.feed(bad)
+    with pytest.raises(ValueError, match="vocabulary"):
+        session.generate(bad, max_new_tokens=2)
+    assert session.token_ids == list(b"hi") and session.text == "hi"
+    session.feed(" there")  # still usable
+    assert session.text == "hi there"
+
+
+def test_generate_needs_something_to_continue(engine) -> None:
+    with pytest.raises(emllm.EmptyInputError):
+        engine.session().generate()
+    with pytest.raises(emllm.EmptyInputError):
+        list(engine.session().stream(max_new_tokens=3))
+
+
+def test_retrieve_argument_errors(engine) -> None:
+    session = engine.session()
+    session.feed(random_ids(300))
+    with pytest.raises(emllm.EmptyInputError):
+        session.retrieve("")
+    with pytest.raises(ValueError):
+        session.retrieve("cat", k=0)
+    assert engine.session().retrieve("cat") == []  # nothing stored yet: no hits, no error
+
+
+def test_truncate_bounds(engine) -> None:
+    session = engine.session()
+    session.feed("abcdef")
+    for n in (-1, 7):
+        with pytest.raises(ValueError, match=r"0\.\.6"):
+            session.truncate(n)
+    assert session.token_ids == list(b"abcdef")
+
+
+def test_unsupported_model_is_named(tokenizer) -> None:
+    config = transformers.GPT2Config(vocab_size=260, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with pytest.raises(emllm.UnsupportedModelError, match="gpt2") as info:
+        emllm.EMLLM(model, tokenizer)
+    assert "GPT2LMHeadModel" in str(info.value)
+    assert isinstance(info.value, emllm.EMLLMError)
+
+
+def test_unknown_session_ids(engine) -> None:
+    with pytest.raises(emllm.SessionNotFoundError, match="nope") as info:
+        engine.session("nope", create=False)
+    assert "nope" in str(info.value) and isinstance(info.value, KeyError)
+    with pytest.raises(emllm.SessionNotFoundError, match="ghost"):
+        engine.drop_session("ghost")
+    assert "nope" not in engine.session_ids()
+
+
+def test_missing_model_path() -> None:
+    with pytest.raises(emllm.ModelLoadError, match="nonexistent"):
+        emllm.EMLLM.from_pretrained("/nonexistent/dir")
+
+
+# ------------------------------------------------------------------------------------------ sessions
+
+
+def test_sessions_are_independent(engine) -> None:
+    a, b = engine.session("ind-a"), engine.session("ind-b")
+    a.feed(prose(300, seed=1))
+    b.feed("a much shorter text")
+    assert a.token_ids != b.token_ids
+    assert a.stats() != b.stats()
+    assert a.stats().tokens == len(prose(300, seed=1).encode())
+    assert b.stats().tokens == len("a much shorter text") and b.stats().events == 0
+    assert engine.session("ind-a") is a
+    assert {"ind-a", "ind-b"} <= set(engine.session_ids())
+    engine.drop_session("ind-b")
+    assert "ind-b" not in engine.session_ids()
+    assert engine.session("ind-a", create=False) is a
+
+
+def test_throwaway_sessions(engine) -> None:
+    known = engine.session_ids()
+    one, two = engine.session(), engine.session()
+    assert one is not two and one.id != two.id
+    one.feed("only in one")
+    assert two.token_ids == []
+    assert engine.session_ids() == known
+
+
+def test_reset_empties_a_session(engine) -> None:
+    session = engine.session()
+    session.feed(random_ids(400))
+    session.generate(max_new_tokens=3)
+    session.reset()
+    stats = session.stats()
+    assert session.token_ids == [] and session.text == "" and session.events() == []
+    assert (stats.tokens, stats.tokens_computed, stats.events, stats.window_tokens) == (0, 0, 0, 0)
+    assert all(layer.length == 0 and not layer.events_k for layer in session.layers)
+    with pytest.raises(emllm.EmptyInputError):
+        session.generate()
+    session.feed("again")
+    assert session.text == "again"
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3, 9])
+def test_max_new_tokens_is_respected(engine, max_new_tokens) -> None:
+    session = engine.session()
+    prompt_len = session.feed(PROMPT)
+    session.generate(max_new_tokens=max_new_tokens)
+    generated = session.token_ids[prompt_len:]
+    assert 1 <= len(generated) <= max_new_tokens
+    assert len(generated) == max_new_tokens or generated[-1] == EOS
+
+
+def test_greedy_is_deterministic(engine) -> None:
+    runs = []
+    for _ in range(2):
+        session = engine.session()
+        text = session.generate(PROMPT, max_new_tokens=12, temperature=0.0)
+        runs.append((text, session.token_ids))
+    assert runs[0] == runs[1]
+
+
+def test_seeded_sampling_is_reproducible(engine) -> None:
+    def sample(seed: int) -> list[int]:
+        session = engine.session()
+        session.generate(PROMPT, max_new_tokens=12, temperature=1.0, seed=seed)
+        return session.token_ids
+
+    assert sample(7) == sample(7)
+    outputs = [sample(seed) for seed in range(4)]
+    assert len({tuple(ids) for ids in outputs}) > 1, "different seeds all gave the same sample"
+
+
+def _pick_stop(text: str) -> str:
+    """A substring of text (no replacement chars) whose first occurrence is not at the start."""
+    for length in (3, 2, 1):
+        for i in range(len(text) // 2, len(text) - length + 1):
+            candidate = text[i : i + length]
+            if "\ufffd" not in candidate and text.find(candidate) > 0:
+                return candidate
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "The quick brown fox"])
+def test_stop_string_ends_the_output_before_it(engine, prompt) -> None:
+    free = engine.session().generate(prompt, max_new_tokens=40)
+    stop = _pick_stop(free)
+    pieces = list(engine.session().stream(prompt, max_new_tokens=40, stop=[stop, "never-there"]))
+    out = "".join(pieces)
+    assert stop not in out
+    assert out == free[: free.find(stop)]
+
+
+def test_stream_joins_to_generate(engine) -> None:
+    a, b = engine.session(), engine.session()
+    for session in (a, b):
+        session.feed(prose(200, seed=2))
+    streamed = list(a.stream(PROMPT, max_new_tokens=20))
+    assert "".join(streamed) == b.generate(PROMPT, max_new_tokens=20)
+    assert a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_generated_tokens_join_the_session(engine) -> None:
+    session = engine.session()
+    fed = session.feed(PROMPT)
+    session.generate(max_new_tokens=5)
+    generated = session.token_ids[fed:]
+    stats = session.stats()
+    assert stats.tokens == fed + len(generated)
+    assert stats.pending_tokens == 1 and stats.tokens_computed == stats.tokens - 1
+    more = session.feed(" and then")
+    assert session.token_ids == list(PROMPT.encode()) + generated + list(b" and then")
+    assert session.text == PROMPT + ByteTokenizer().decode(generated) + " and then"
+    stats = session.stats()
+    assert stats.tokens == fed + len(generated) + more
+    assert stats.pending_tokens == 0 and stats.tokens_computed == stats.tokens
+
+
+def test_generate_continues_after_feed(engine) -> None:
+    """generate() without a prompt continues the fed text, like generate(prompt) on a fresh session."""
+    a, b = engine.session(), engine.session()
+    a.feed(PROMPT)
+    assert a.generate(max_new_tokens=6) == b.generate(PROMPT, max_new_tokens=6)
+    assert a.token_ids == b.token_ids
+
+
+# ------------------------------------------------------------------------------------------ spans and sources
+
+
+def _expected_source(token: int, bounds: list[tuple[int, str | None]]) -> str | None:
+    source = None
+    for start, name in bounds:
+        if token >= start:
+            source = name
+    return source
+
+
+@pytest.fixture(scope="module")
+def sourced(engine):
+    """A session fed three documents: source "doc-a", source "doc-b", then no source."""
+    session = engine.session("sourced")
+    docs = [(prose(400, seed=3), "doc-a"), (prose(350, seed=4), "doc-b"), (prose(300, seed=5), None)]
+    bounds, start = [], 0
+    for text, source in docs:
+        bounds.append((start, source))
+        start += session.feed(text, source_id=source)
+    return session, bounds
+
+
+def test_events_report_char_spans_and_sources(sourced) -> None:
+    session, bounds = sourced
+    offsets = ByteTokenizer()(session.text).offset_mapping  # one (char, char + 1) per byte token
+    events = session.events()
+    assert len(events) == session.stats().events > 20
+    assert {e.source_id for e in events} == {"doc-a", "doc-b", None}
+    for i, event in enumerate(events):
+        assert event.event_id == i
+        assert event.size == event.token_end - event.token_start > 0
+        assert (event.char_start, event.char_end) == (
+            offsets[event.token_start][0],
+            offsets[event.token_end - 1][1],
+        )
+        assert event.text == session.text[event.char_start : event.char_end]
+        assert event.source_id == _expected_source(event.token_start, bounds)
+        raw = bytes(session.token_ids[event.token_start : event.token_end])
+        if raw.isascii():
+            assert event.text == raw.decode()
+
+
+def test_retrieve_reports_the_same_spans_as_events(sourced) -> None:
+    session, bounds = sourced
+    events = session.events()
+    hits = session.retrieve("grey café skies", k=4)
+    assert len(hits) == 4
+    assert len({h.event_id for h in hits}) == 4
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    for hit in hits:
+        event = events[hit.event_id]
+        assert (hit.token_start, hit.token_end, hit.char_start, hit.char_end) == (
+            event.token_start,
+            event.token_end,
+            event.char_start,
+            event.char_end,
+        )
+        assert hit.text == event.text == session.text[hit.char_start : hit.char_end]
+        assert hit.source_id == event.source_id == _expected_source(hit.token_start, bounds)
+    assert len(session.retrieve("cat", k=10_000)) == len(events)
+
+
+def test_retrieve_changes_nothing(engine) -> None:
+    """Retrieval is a probe: a twin session that never retrieved computes the same logits afterwards."""
+    ids, more = random_ids(500, seed=6), random_ids(40, seed=7)
+    probed, twin = engine.session(), engine.session()
+    for session in (probed, twin):
+        session.feed(ids)
+    before = probed.stats()
+    probed.retrieve("the cat", k=3)
+    after = probed.stats()
+    fields = ("tokens", "tokens_computed", "events", "window_tokens", "pending_tokens", "cpu_bytes")
+    assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
+    assert probed.token_ids == twin.token_ids
+    torch.testing.assert_close(probed.forward(more), twin.forward(more), rtol=0, atol=0)
+
+
+def test_token_id_input_with_source(engine) -> None:
+    session = engine.session()
+    session.feed("header ", source_id="h")
+    session.feed(list(b"plain ascii ids " * 20), source_id="ids")
+    assert session.text == "header " + "plain ascii ids " * 20
+    for event in session.events():
+        assert event.text == session.text[event.char_start : event.char_end]
+        assert event.source_id == ("h" if event.token_start < 7 else "ids")
+
+
+# ------------------------------------------------------------------------------------------ truncate
+
+
+def test_truncate_inside_the_window(engine) -> None:
+    session = engine.session()
+    text = prose(300, seed=8)
+    session.feed(text)
+    original = session.token_ids
+    n = len(original) - 10
+    assert n > session.timeline.window_start
+    session.truncate(n)
+    assert session.token_ids == original[:n]
+    assert session.text == ByteTokenizer().decode(original[:n])
+    assert_memory_consistent(session)
+    session.feed(" more text")
+    assert session.token_ids == original[:n] + list(b" more text")
+    session.generate(max_new_tokens=4)
+    assert_memory_consistent(session)
+
+
+def test_generate_right_after_truncate_continues_from_the_cut(make_engine) -> None:
+    """truncate() is for a history that diverged: generating from the cut must work, and (nothing evicted)
+    match a session that only ever saw the kept prefix."""
+    engine = make_engine(n_local=128)
+    ids = random_ids(80, seed=9)
+    cut, fresh = engine.session(), engine.session()
+    cut.feed(ids)
+    cut.truncate(50)
+    fresh.feed(ids[:50])
+    assert cut.generate(max_new_tokens=6) == fresh.generate(max_new_tokens=6)
+    assert cut.token_ids == fresh.token_ids
+
+
+def _truncation_points(session) -> list[int]:
+    """Inside the init block, mid-event, on an event boundary (all before the window)."""
+    events = session.timeline.events
+    middle = events[len(events) // 2]
+    assert middle[1] - middle[0] >= 2
+    return [2, middle[0] + 1, middle[0]]
+
+
+@pytest.mark.parametrize("where", ["init", "mid-event", "boundary"])
+def test_truncate_into_evicted_events(engine, where) -> None:
+    text = prose(600, seed=10, ascii_only=True)
+    ids = list(text.encode())
+    session = engine.session()
+    session.feed(text)
+    n = dict(zip(["init", "mid-event", "boundary"], _truncation_points(session), strict=True))[where]
+    assert n < session.timeline.window_start
+    session.truncate(n)
+    assert session.token_ids == ids[:n]
+    assert session.text == text[:n]
+    assert all(stop <= n for _, stop in session.timeline.events)
+    assert session.stats().tokens == n
+    assert_memory_consistent(session)
+    session.feed(text[n:])
+    assert session.token_ids == ids and session.text == text
+    assert_memory_consistent(session)
+    assert session.timeline.init_len == engine.config.n_init
+    session.generate(max_new_tokens=3)
+    assert_memory_consistent(session)
+
+
+def test_truncate_inside_generated_tokens(engine) -> None:
+    session = engine.session()
+    fed = session.feed(PROMPT)
+    session.generate(max_new_tokens=6)
+    total = len(session.token_ids)
+    session.truncate(total - 1)  # drops only the pending token
+    assert session.stats().pending_tokens == 0
+    assert session.token_ids == session.timeline.token_ids
+    session.truncate(fed)
+    assert session.token_ids == list(PROMPT.encode()) and session.text == PROMPT
+    session.feed("x")
+    assert session.text == PROMPT + "x"
+
+
+# ------------------------------------------------------------------------------------------ threads
+
+
+def _feed_and_generate(session, text: str) -> tuple[str, list[int]]:
+    session.feed(text)
+    return session.generate(max_new_tokens=8), session.token_ids
+
+
+def test_threads_on_different_sessions_match_sequential(engine) -> None:
+    texts = [prose(250, seed=11), prose(250, seed=12)]
+    sequential = [_feed_and_generate(engine.session(), t) for t in texts]
+    sessions = [engine.session(), engine.session()]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        threaded = list(pool.map(_feed_and_generate, sessions, texts))
+    assert threaded == sequential
+
+
+def test_threads_on_one_session_queue_up(engine) -> None:
+    session = engine.session()
+    texts = [prose(150, seed=13), prose(170, seed=14)]
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def work(text: str) -> None:
+        try:
+            start.wait()
+            session.feed(text)
+            session.generate(max_new_tokens=5)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    ids = session.token_ids
+    fed = sum(len(t.encode()) for t in texts)
+    generated = len(ids) - fed
+    assert 2 <= generated <= 10 and (generated == 10 or EOS in ids)
+    assert session.stats().tokens == len(ids)
+    for text in texts:  # each feed ran whole, under the session lock
+        encoded = text.encode()
+        assert any(bytes(ids[i : i + len(encoded)]) == encoded for i in range(len(ids) - len(encoded) + 1))
+    assert_memory_consistent(session)
+
+
+# ------------------------------------------------------------------------------------------ stats
+
+
+def test_stats_fields(engine) -> None:
+    session = engine.session()
+    session.feed(random_ids(300, seed=15))
+    session.generate(max_new_tokens=5)
+    generated = len(session.token_ids) - 300
+    stats = session.stats()
+    assert stats.tokens_computed == 300 + generated - 1 and stats.pending_tokens == 1
+    session.feed(random_ids(20, seed=16))
+    stats = session.stats()
+    timeline = session.timeline
+    sizes = [stop - start for start, stop in timeline.events]
+    assert stats.session_id == session.id
+    assert stats.tokens == stats.tokens_computed == len(session.token_ids) == 320 + generated
+    assert stats.events == len(session.events()) == len(sizes)
+    assert stats.init_tokens == 4 and stats.window_tokens == timeline.window_len
+    assert stats.mean_event_size == pytest.approx(sum(sizes) / len(sizes))
+    assert stats.memory_distance == 64 + 16 and stats.max_local_distance < stats.memory_distance
+    assert stats.cpu_bytes > 0 and stats.device_bytes > 0 and stats.disk_bytes == 0
+    assert set(stats.as_dict()) >= {"tokens", "tokens_computed", "events", "device_bytes", "cpu_bytes"}
+    session.truncate(100)
+    assert session.stats().tokens_computed == stats.tokens_computed  # work done stays counted
+    session.feed(random_ids(10, seed=17))
+    # truncating below the computed tokens recomputes the new last token (its next-token logits were
+    # not kept), then the 10 new ones
+    assert session.stats().tokens_computed == stats.tokens_computed + 11
