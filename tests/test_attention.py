@@ -217,11 +217,15 @@ def test_attend_over_no_keys(backend_name, backend) -> None:
     """
     backend(backend_name)
     q, k, v = _qkv(1, 2, 2, 3, 0, 8)  # (1,2,3,8) queries over (1,2,0,8) keys
+    k2, v2 = _qkv(1, 2, 2, 3, 5, 8, seed=1)[1:]
 
     def check() -> None:
         out, lse = attend(q, k, v, 0.35, causal=False)
         assert out.shape == q.shape and torch.equal(out, torch.zeros_like(out))
-        assert bool(torch.isneginf(lse).all())
+        assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1] and bool(torch.isneginf(lse).all())
+        merged = merge_partials([(out, lse), attend(q, k2, v2, 0.35, causal=False)])
+        expected = attend_reference(q, k2, v2, 0.35, causal=False)
+        assert torch.allclose(merged[0], expected[0], atol=1e-5) and torch.allclose(merged[1], expected[1])
 
     code = _in_child(check)
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code} (1: wrong result)"

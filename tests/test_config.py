@@ -38,6 +38,7 @@ def test_defaults_are_valid() -> None:
         ({"segmentation": "tiling"}, ["segmentation", "surprise"]),
         ({"offload_dtype": "float8"}, ["offload_dtype"]),
         ({"n_local": 0}, ["n_local"]),
+        ({"n_mem": 4, "min_event_size": 8}, ["n_mem (4)", "min_event_size 8"]),
     ],
 )
 def test_invalid_config_names_the_field(fields, words) -> None:

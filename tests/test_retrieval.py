@@ -203,3 +203,16 @@ def test_planted_representative_is_retrieved(make_engine) -> None:
             start = layer.init_k.shape[2] + int(sizes[[e for e in chosen if e < planted]].sum())
             block = layer.events_k[planted].to(keys.dtype)
             assert torch.equal(keys[:, :, start : start + block.shape[2]], block), "planted keys not gathered"
+
+
+def test_no_event_fits_the_budget(make_engine) -> None:
+    """n_mem below every event's size and no init tokens: memory attention has zero keys, reading goes on."""
+    engine = make_engine(
+        n_init=0, n_local=64, n_mem=4, chunk_size=16, min_event_size=4, segmentation="fixed", block_size=8
+    )
+    session = engine.session("empty-memory")
+    ids = torch.randint(0, 256, (112,), generator=torch.Generator().manual_seed(2)).tolist()
+    logits = session.forward(ids)
+    assert len(session.timeline.events) > 0
+    assert all(layer._selection == () for layer in session.layers)
+    assert bool(torch.isfinite(logits).all())

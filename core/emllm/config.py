@@ -55,14 +55,19 @@ class EMLLMConfig(BaseModel):
         "(0 = off; at most chunk_size are used)."
     )
     offload_dtype: OffloadDtype = Field(default="bfloat16", description="Dtype of event keys/values in the CPU tier.")
-    device_cache_events: int = Field(
-        default=256, ge=0, description="Event blocks per layer kept on the compute device in compute dtype (LRU)."
+    device_cache_events: int | None = Field(
+        default=None,
+        ge=0,
+        description="Event blocks per layer kept on the compute device in compute dtype (LRU); "
+        "None = 256 on an accelerator, 0 on CPU (where the CPU tier is already the compute device).",
     )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> EMLLMConfig:
         if self.chunk_size > self.n_local:
             raise ValueError(f"chunk_size ({self.chunk_size}) must not exceed n_local ({self.n_local})")
+        if 0 < self.n_mem < self.min_event_size:
+            raise ValueError(f"n_mem ({self.n_mem}) is smaller than any event (min_event_size {self.min_event_size})")
         if self.min_event_size > self.max_event_size:
             raise ValueError(
                 f"min_event_size ({self.min_event_size}) must not exceed max_event_size ({self.max_event_size})"
@@ -89,6 +94,11 @@ class EMLLMConfig(BaseModel):
     @property
     def effective_surprise_window(self) -> int:
         return self.surprise_window if self.surprise_window is not None else self.n_local
+
+    def cache_events(self, device_type: str) -> int:
+        if self.device_cache_events is not None:
+            return self.device_cache_events
+        return 0 if device_type == "cpu" else 256
 
     def refinement_band(self, num_layers: int) -> range:
         if self.refinement_layers is None:

@@ -21,6 +21,7 @@ class GenerationConfig(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: list[str] = Field(default_factory=list, description="Stop before the first occurrence of any of these.")
     seed: int | None = Field(default=None, description="Seed for sampling (reproducible output).")
+    ignore_eos: bool = Field(default=False, description="Keep generating past end-of-sequence (for benchmarks).")
 
 
 def choose_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:

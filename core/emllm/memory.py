@@ -49,6 +49,7 @@ class LayerMemory:
         self.device = device
         self.dtype = dtype
         self.offload_dtype = getattr(torch, config.offload_dtype)
+        self.cache_size = config.cache_events(torch.device(device).type)
         shape = (1, num_kv_heads, 0, head_dim)
         self.init_k = torch.empty(shape, device=device, dtype=dtype)
         self.init_v = torch.empty(shape, device=device, dtype=dtype)
@@ -124,9 +125,9 @@ class LayerMemory:
             self.events_k[event_id].to(self.device, self.dtype, non_blocking=True),
             self.events_v[event_id].to(self.device, self.dtype, non_blocking=True),
         )
-        if self.config.device_cache_events:
+        if self.cache_size:
             self._cache[event_id] = block
-            while len(self._cache) > self.config.device_cache_events:
+            while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return block
 

@@ -51,6 +51,8 @@ class RotaryTable:
 
     def rotate_at(self, x: torch.Tensor, position: int) -> torch.Tensor:
         """Rotate every token of x (..., T, D) to the same position."""
+        if not 0 <= position < self.length:
+            raise IndexError(f"position {position} outside the rotary table (0..{self.length - 1})")
         cos = self.cos[position].to(x.dtype)
         sin = self.sin[position].to(x.dtype)
         return apply_rotary(x, cos, sin)

@@ -35,7 +35,7 @@ def select_events(scores: torch.Tensor, sizes: torch.Tensor, budget: int, contig
     chosen = order[:n_top].tolist()
     used = int(ranked_sizes[:n_top].sum())
     taken = set(chosen)
-    for event in chosen[:]:
+    for event in chosen[:] if contiguity_ratio > 0 else []:
         for neighbour in (event - 1, event + 1):
             if 0 <= neighbour < num_events and neighbour not in taken and used + int(sizes[neighbour]) <= budget:
                 taken.add(neighbour)

@@ -244,7 +244,7 @@ class Session:
     def generate(self, prompt: str | Sequence[int] | None = None, **options) -> str:
         """Continue the session (after reading `prompt`, if given); returns the generated text.
 
-        Options are GenerationConfig fields: max_new_tokens, temperature, top_k, top_p, stop, seed.
+        Options are GenerationConfig fields: max_new_tokens, temperature, top_k, top_p, stop, seed, ignore_eos.
         """
         return "".join(self.stream(prompt, **options))
 
@@ -266,7 +266,7 @@ class Session:
                     token = choose_token(logits, generation, generator)
                     new_ids.append(token)
                     self._pending.append(token)
-                    if token in self.engine.eos_token_ids:
+                    if token in self.engine.eos_token_ids and not generation.ignore_eos:
                         break
                     piece = acc.add(token)
                     if piece:
