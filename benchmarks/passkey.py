@@ -117,11 +117,15 @@ def _plan(lengths, methods, haystacks) -> list[tuple]:
             keys = [str(rng.randrange(10000, 100000)) for _ in DEPTHS]
             for method in methods:
                 for depth, key in zip(DEPTHS, keys, strict=True):
-                    if method == "full" and length > FULL_ATTENTION_MAX:
-                        if length != FULL_ATTENTION_SPEED_ONLY or depth != DEPTHS[1]:
-                            continue
+                    full_skipped = length > FULL_ATTENTION_MAX and not _full_speed_sample(length, depth)
+                    if method == "full" and full_skipped:
+                        continue
                     plan.append((method, length, haystack, depth, key))
     return plan
+
+
+def _full_speed_sample(length: int, depth: float) -> bool:
+    return length == FULL_ATTENTION_SPEED_ONLY and depth == DEPTHS[1]
 
 
 def _done() -> dict[tuple, dict]:
@@ -141,7 +145,10 @@ def _run_plan(plan: list[tuple], timeout: int) -> None:
         try:
             proc = subprocess.run(
                 [sys.executable, __file__, "--sample", json.dumps(list(spec))],
-                capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=ROOT,
             )
         except subprocess.TimeoutExpired:
             print("timed out")
@@ -152,7 +159,10 @@ def _run_plan(plan: list[tuple], timeout: int) -> None:
                 print("failed\n" + proc.stderr[-2000:])
                 continue
             row = json.loads(lines[-1][len("RESULT ") :])
-            print(f"{'ok ' if row['correct'] else 'MISS'} {row['answer']!r} prefill {row['prefill_tok_s']:.0f} tok/s")
+            print(
+                f"{'ok ' if row['correct'] else 'MISS'} {row['answer']!r} "
+                f"prefill {row['prefill_tok_s']:.0f} tok/s"
+            )
         keys = dict(method=method, context_tokens=length, haystack=haystack, depth=depth, key=key)
         with SAMPLES.open("a") as f:
             f.write(json.dumps(keys | row) + "\n")
@@ -170,18 +180,22 @@ def summarise(command: str) -> dict:
             continue
         groups.setdefault((row["method"], row["context_tokens"], row["haystack"]), []).append(row)
     rows = []
-    for (method, length, haystack), samples in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
-        rows.append({
-            "method": method,
-            "context_tokens": length,
-            "haystack": haystack,
-            "n": len(samples),
-            "accuracy": round(sum(s["correct"] for s in samples) / len(samples), 3),
-            "prefill_tok_s": _mean(s["prefill_tok_s"] for s in samples),
-            "decode_tok_s": _mean(s["decode_tok_s"] for s in samples),
-            "peak_rss_mb": round(max(s["peak_rss_mb"] for s in samples), 1),
-            "memory_device_mb": _mean(s.get("memory_device_mb") for s in samples),
-        })
+    for (method, length, haystack), samples in sorted(
+        groups.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])
+    ):
+        rows.append(
+            {
+                "method": method,
+                "context_tokens": length,
+                "haystack": haystack,
+                "n": len(samples),
+                "accuracy": round(sum(s["correct"] for s in samples) / len(samples), 3),
+                "prefill_tok_s": _mean(s["prefill_tok_s"] for s in samples),
+                "decode_tok_s": _mean(s["decode_tok_s"] for s in samples),
+                "peak_rss_mb": round(max(s["peak_rss_mb"] for s in samples), 1),
+                "memory_device_mb": _mean(s.get("memory_device_mb") for s in samples),
+            }
+        )
     return {
         "benchmark": "passkey",
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to fp32)",
@@ -189,7 +203,7 @@ def summarise(command: str) -> dict:
         "date": datetime.date.today().isoformat(),
         "command": command,
         "config": "emllm: preset smollm2-135m (n_init 64, n_local 1024, n_mem 1024, chunk 256); "
-                  "fixed_blocks: same with segmentation='fixed', block_size 64",
+        "fixed_blocks: same with segmentation='fixed', block_size 64",
         "rows": rows,
     }
 
@@ -211,16 +225,22 @@ def write_doc(summary: dict) -> None:
         "Prefill tok/s over the haystack; decode tok/s over 32 tokens after the answer; peak RSS of the",
         "sample's process; device MB = EM-LLM's device tier (window, init, cache) at the end.",
         "",
-        "| haystack | method | context | n | accuracy | prefill tok/s | decode tok/s | peak RSS MB | device MB |",
+        "| haystack | method | context | n | accuracy | prefill tok/s | decode tok/s | peak RSS MB "
+        "| device MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary["rows"]:
         lines.append(
             f"| {r['haystack']} | {r['method']} | {r['context_tokens']:,} | {r['n']} | {r['accuracy']:.2f} | "
-            f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r['peak_rss_mb']} | {r['memory_device_mb'] or '-'} |"
+            f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r['peak_rss_mb']} | "
+            f"{r['memory_device_mb'] or '-'} |"
         )
     section = "\n".join(lines) + "\n"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery table is written by the script named in it.\n\n"
+    text = (
+        DOC.read_text()
+        if DOC.exists()
+        else "# Benchmarks\n\nEvery table is written by the script named in it.\n\n"
+    )
     start = text.find("## Passkey retrieval")
     if start == -1:
         text = text.rstrip() + "\n\n" + section

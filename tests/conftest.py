@@ -79,7 +79,7 @@ def reference_copy(model):
 
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request):
-    """Tiny models run fastest on one thread (OpenMP spin-waits dominate their matmuls); slow tests keep all."""
+    """Tiny models run fastest on one thread (OpenMP spin-waits dominate tiny matmuls); slow tests use all."""
     if request.node.get_closest_marker("slow"):
         yield
         return

@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from emllm.tasks import demo_text, passkey_probe, planted_fact_probe, random_key
 
 pytestmark = pytest.mark.slow

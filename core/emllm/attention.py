@@ -61,14 +61,24 @@ def attend(
     """
     if k.shape[-2] == 0:
         return torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf"), device=q.device)
-    if _backend == "auto" and q.device.type == "cpu" and _HAS_CPU_FLASH and (not causal or q.shape[-2] == k.shape[-2]):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
+    if (
+        _backend == "auto"
+        and q.device.type == "cpu"
+        and _HAS_CPU_FLASH
+        and (not causal or q.shape[-2] == k.shape[-2])
+    ):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale
+        )[:2]
         return out, lse.float()
     return attend_reference(q, k, v, scale, causal)
 
 
 def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine attention over disjoint key sets: out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i."""
+    """Combine attention over disjoint key sets.
+
+    out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i: exactly one softmax over all keys.
+    """
     if len(parts) == 1:
         return parts[0]
     lse = parts[0][1]
@@ -111,7 +121,11 @@ def attend_causal_chunk(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tens
 
 
 def received_attention(
-    q_local: torch.Tensor, window_keys: torch.Tensor, chunk_keys: torch.Tensor, lse: torch.Tensor, scale: float
+    q_local: torch.Tensor,
+    window_keys: torch.Tensor,
+    chunk_keys: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
     """Attention probability each local key receives from the chunk's queries, summed over queries and heads.
 

@@ -18,14 +18,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="emllm", description="EM-LLM episodic memory for Hugging Face decoders: unbounded context on a small window."
+        prog="emllm",
+        description="EM-LLM episodic memory for Hugging Face decoders: unbounded context on a small window.",
     )
     parser.add_argument("--version", action="version", version=f"emllm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo", help="read a 20k-token novel excerpt with a planted fact and answer a question about it"
     )
-    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"model id, path or .gguf (default: {DEFAULT_MODEL})")
+    demo.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model id, path or .gguf (default: {DEFAULT_MODEL})"
+    )
     demo.add_argument("--max-new-tokens", type=int, default=24, help="answer length bound (default: 24)")
     demo.set_defaults(handler=_demo)
     return parser

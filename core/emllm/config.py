@@ -21,40 +21,74 @@ class EMLLMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     n_init: int = Field(default=64, ge=0, description="Initial tokens always attended (attention sinks).")
-    n_local: int = Field(default=1024, ge=1, description="Local window: the most recent tokens, attended with exact relative positions.")
-    n_mem: int = Field(default=1024, ge=0, description="Token budget for retrieved events per layer (similarity + contiguity buffers).")
-    chunk_size: int = Field(default=256, ge=1, description="Prefill chunk: tokens processed per forward; one retrieval per chunk.")
-    repr_topk: int = Field(default=4, ge=1, description="Representative tokens per event: the keys of the most-attended tokens, averaged.")
-    segmentation: Literal["surprise", "fixed"] = Field(
-        default="surprise", description="'surprise' = EM-LLM events; 'fixed' = blocks of block_size tokens (the InfLLM baseline)."
+    n_local: int = Field(
+        default=1024,
+        ge=1,
+        description="Local window: the most recent tokens, attended with exact relative positions.",
     )
-    gamma: float = Field(default=1.0, ge=0.0, description="Boundary when surprise > mean + gamma * std of the preceding window.")
+    n_mem: int = Field(
+        default=1024,
+        ge=0,
+        description="Token budget for retrieved events per layer (similarity + contiguity buffers).",
+    )
+    chunk_size: int = Field(
+        default=256, ge=1, description="Prefill chunk: tokens processed per forward; one retrieval per chunk."
+    )
+    repr_topk: int = Field(
+        default=4,
+        ge=1,
+        description="Representative tokens per event: the keys of the most-attended tokens, averaged.",
+    )
+    segmentation: Literal["surprise", "fixed"] = Field(
+        default="surprise",
+        description="'surprise' = EM-LLM events; 'fixed' = blocks of block_size tokens "
+        "(the InfLLM baseline).",
+    )
+    gamma: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Boundary when surprise > mean + gamma * std of the preceding window.",
+    )
     surprise_window: int | None = Field(
         default=None, ge=2, description="Surprises in the sliding mean/std; None = n_local."
     )
     surprise_floor: float = Field(
-        default=0.0, ge=0.0, description="Absolute lower bound on the threshold (nats): stops boundaries firing on near-constant surprise."
+        default=0.0,
+        ge=0.0,
+        description="Absolute lower bound on the threshold (nats): stops boundaries firing on "
+        "near-constant surprise.",
     )
     min_event_size: int = Field(default=8, ge=1, description="Shorter events are merged into the next one.")
     max_event_size: int = Field(default=128, ge=1, description="Longer events are split.")
     block_size: int = Field(default=64, ge=1, description="Event size when segmentation='fixed'.")
     refinement: Literal["none", "modularity", "conductance"] = Field(
-        default="modularity", description="Boundary refinement on the key-similarity graph (event count unchanged)."
+        default="modularity",
+        description="Boundary refinement on the key-similarity graph (event count unchanged).",
     )
     refinement_layers: tuple[int, int] | None = Field(
-        default=None, description="Layer band [start, stop) whose keys build the similarity graph; None = the upper half."
+        default=None,
+        description="Layer band [start, stop) whose keys build the similarity graph; None = the upper half.",
     )
     contiguity_ratio: float = Field(
-        default=0.3, ge=0.0, lt=1.0, description="Share of n_mem reserved for the temporal neighbours of the top events."
+        default=0.3,
+        ge=0.0,
+        lt=1.0,
+        description="Share of n_mem reserved for the temporal neighbours of the top events.",
     )
     decode_retrieval_interval: int = Field(
-        default=16, ge=1, description="When generating, retrieve again every this many tokens (1 = every token)."
+        default=16,
+        ge=1,
+        description="When generating, retrieve again every this many tokens (1 = every token).",
     )
     query_chunk: int = Field(
-        default=32, ge=0, description="The last tokens of a prompt run as their own chunk, so the question drives retrieval "
-        "(0 = off; at most chunk_size are used)."
+        default=32,
+        ge=0,
+        description="The last tokens of a prompt run as their own chunk, so the question drives retrieval "
+        "(0 = off; at most chunk_size are used).",
     )
-    offload_dtype: OffloadDtype = Field(default="bfloat16", description="Dtype of event keys/values in the CPU tier.")
+    offload_dtype: OffloadDtype = Field(
+        default="bfloat16", description="Dtype of event keys/values in the CPU tier."
+    )
     device_cache_events: int | None = Field(
         default=None,
         ge=0,
@@ -67,19 +101,27 @@ class EMLLMConfig(BaseModel):
         if self.chunk_size > self.n_local:
             raise ValueError(f"chunk_size ({self.chunk_size}) must not exceed n_local ({self.n_local})")
         if 0 < self.n_mem < self.min_event_size:
-            raise ValueError(f"n_mem ({self.n_mem}) is smaller than any event (min_event_size {self.min_event_size})")
+            raise ValueError(
+                f"n_mem ({self.n_mem}) is smaller than any event (min_event_size {self.min_event_size})"
+            )
         if self.min_event_size > self.max_event_size:
             raise ValueError(
-                f"min_event_size ({self.min_event_size}) must not exceed max_event_size ({self.max_event_size})"
+                f"min_event_size ({self.min_event_size}) must not exceed "
+                f"max_event_size ({self.max_event_size})"
             )
         if self.max_event_size > self.n_local:
-            raise ValueError(f"max_event_size ({self.max_event_size}) must not exceed n_local ({self.n_local})")
+            raise ValueError(
+                f"max_event_size ({self.max_event_size}) must not exceed n_local ({self.n_local})"
+            )
         if self.block_size > self.n_local:
             raise ValueError(f"block_size ({self.block_size}) must not exceed n_local ({self.n_local})")
         if self.refinement_layers is not None:
             start, stop = self.refinement_layers
             if not 0 <= start < stop:
-                raise ValueError(f"refinement_layers must be [start, stop) with 0 <= start < stop, got {self.refinement_layers}")
+                raise ValueError(
+                    "refinement_layers must be [start, stop) with 0 <= start < stop, "
+                    f"got {self.refinement_layers}"
+                )
         return self
 
     @property

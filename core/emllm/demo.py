@@ -28,8 +28,10 @@ def run_demo(model: str = DEFAULT_MODEL, config: EMLLMConfig | None = None, max_
     start = time.perf_counter()
     engine = EMLLM.from_pretrained(model, config=config)
     cfg = engine.config
-    _say(f"loaded in {time.perf_counter() - start:.1f} s; attention per query: {cfg.n_init} initial + "
-         f"{cfg.n_mem} retrieved + {cfg.n_local} local tokens")
+    _say(
+        f"loaded in {time.perf_counter() - start:.1f} s; attention per query: {cfg.n_init} initial + "
+        f"{cfg.n_mem} retrieved + {cfg.n_local} local tokens"
+    )
 
     probe = planted_fact_probe(engine.tokenizer, demo_text())
     n_tokens = len(engine.encode(probe.context))
@@ -40,11 +42,15 @@ def run_demo(model: str = DEFAULT_MODEL, config: EMLLMConfig | None = None, max_
     session.feed(probe.context, source_id="pride_and_prejudice", progress=True)
     prefill_s = time.perf_counter() - start
     stats = session.stats()
-    _say(f"read {stats.tokens:,} tokens in {prefill_s:.0f} s ({stats.tokens / prefill_s:.0f} tokens/s), "
-         f"cut into {stats.events} events (mean {stats.mean_event_size:.0f} tokens) by surprise")
+    _say(
+        f"read {stats.tokens:,} tokens in {prefill_s:.0f} s ({stats.tokens / prefill_s:.0f} tokens/s), "
+        f"cut into {stats.events} events (mean {stats.mean_event_size:.0f} tokens) by surprise"
+    )
 
     question = "What is the secret code of the Longbourn library?"
-    _say(f"\nQ: {question}\nA: The secret code is", )
+    _say(
+        f"\nQ: {question}\nA: The secret code is",
+    )
     start = time.perf_counter()
     answer = ""
     for piece in session.stream(probe.question, max_new_tokens=max_new_tokens, stop=["\n"]):
@@ -56,11 +62,16 @@ def run_demo(model: str = DEFAULT_MODEL, config: EMLLMConfig | None = None, max_
     for hit in session.retrieve(question, k=3):
         snippet = textwrap.shorten(" ".join(hit.text.split()), 110)
         mark = "  <- the planted fact" if probe.answer in hit.text else ""
-        _say(f"  event {hit.event_id:4d}  tokens {hit.token_start:>6,}-{hit.token_end:<6,} score {hit.score:5.2f}"
-             f"  {snippet}{mark}")
+        _say(
+            f"  event {hit.event_id:4d}  tokens {hit.token_start:>6,}-{hit.token_end:<6,} "
+            f"score {hit.score:5.2f}"
+            f"  {snippet}{mark}"
+        )
 
     stats = session.stats()
-    full_kv = stats.tokens * engine.num_layers * 2 * engine.num_kv_heads * engine.head_dim * engine.dtype.itemsize
+    full_kv = (
+        stats.tokens * engine.num_layers * 2 * engine.num_kv_heads * engine.head_dim * engine.dtype.itemsize
+    )
     _say("\nmemory:")
     _say(f"  device tier (window, init, cache): {_mb(stats.device_bytes)}")
     _say(f"  CPU tier ({stats.events} events, {cfg.offload_dtype}): {_mb(stats.cpu_bytes)}")

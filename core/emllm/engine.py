@@ -54,7 +54,9 @@ class EMLLM:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        text_config = (
+            model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        )
         self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
         self.head_dim = getattr(text_config, "head_dim", None) or (
@@ -76,7 +78,7 @@ class EMLLM:
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> EMLLM:
-        """Load a model (HF id, local directory, .gguf file, or "smollm2-135m-instruct") with episodic memory."""
+        """Load a model (HF id, directory, .gguf file, or "smollm2-135m-instruct") with episodic memory."""
         model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
         return cls(model, tokenizer, config=config, name=name_or_path)
 

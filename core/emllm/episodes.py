@@ -74,7 +74,7 @@ class Timeline:
 
 
 def plan_eviction(timeline: Timeline, config: EMLLMConfig) -> tuple[int, list[tuple[int, int]]]:
-    """Which window tokens leave: (tokens that join init, event spans as window offsets), no refinement yet."""
+    """Which window tokens leave: (tokens joining init, event spans as window offsets), unrefined."""
     excess = timeline.window_len - config.n_local
     if excess <= 0:
         return 0, []

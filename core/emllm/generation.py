@@ -19,9 +19,13 @@ class GenerationConfig(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
     top_k: int = Field(default=0, ge=0, description="Sample among the k most likely tokens (0 = all).")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    stop: list[str] = Field(default_factory=list, description="Stop before the first occurrence of any of these.")
+    stop: list[str] = Field(
+        default_factory=list, description="Stop before the first occurrence of any of these."
+    )
     seed: int | None = Field(default=None, description="Seed for sampling (reproducible output).")
-    ignore_eos: bool = Field(default=False, description="Keep generating past end-of-sequence (for benchmarks).")
+    ignore_eos: bool = Field(
+        default=False, description="Keep generating past end-of-sequence (for benchmarks)."
+    )
 
 
 def choose_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:
@@ -35,7 +39,9 @@ def choose_token(logits: torch.Tensor, config: GenerationConfig, generator: torc
     if config.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=True)
         cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= config.top_p  # keep the token that crosses p
+        drop = (
+            cumulative - torch.softmax(sorted_scores, dim=-1) >= config.top_p
+        )  # keep the token that crosses p
         scores[order[drop]] = float("-inf")
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
@@ -43,7 +49,7 @@ def choose_token(logits: torch.Tensor, config: GenerationConfig, generator: torc
 
 @dataclass
 class TextAccumulator:
-    """Turns generated token ids into text pieces, holding back incomplete characters and stop-string prefixes."""
+    """Generated token ids -> text pieces, holding back incomplete characters and stop-string prefixes."""
 
     tokenizer: object
     stop: list[str]

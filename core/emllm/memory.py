@@ -42,8 +42,15 @@ def _nbytes(t: torch.Tensor | None) -> int:
 class LayerMemory:
     """Keys/values of one layer: init tokens, local window buffer, offloaded events and representatives."""
 
-    def __init__(self, layer_idx: int, num_kv_heads: int, head_dim: int, config: EMLLMConfig,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        layer_idx: int,
+        num_kv_heads: int,
+        head_dim: int,
+        config: EMLLMConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.layer_idx = layer_idx
         self.config = config
         self.device = device
@@ -68,24 +75,37 @@ class LayerMemory:
         self._global: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- attention step -------------------------------------------------------------------------
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ctx: ChunkContext) -> torch.Tensor:
-        """q (1,Hq,c,D), k/v (1,Hkv,c,D) raw -> attention output (1,Hq,c,D); stores k/v unless probing."""
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ctx: ChunkContext
+    ) -> torch.Tensor:
+        """q (1,Hq,c,D), k/v (1,Hkv,c,D) raw -> attention output (1,Hq,c,D); stores k/v unless probing.
+
+        A single new token (decoding) joins the window first and attends over it in one call: for one query
+        the causal chunk part is just its own key.
+        """
         window = self.length
         rotary = ctx.rotary
         q_local = rotary.rotate(q, window)
         k_local = rotary.rotate(k, window)
+        single = q.shape[2] == 1 and not ctx.probe
+        if single:
+            self._append(k, k_local, v)
         parts = []
         global_kv = self._global_kv(q, ctx)
         if global_kv is not None:
             q_mem = rotary.rotate_at(q, ctx.config.memory_distance)
             parts.append(attend_grouped(q_mem, *global_kv, scale))
             ctx.max_memory_distance = ctx.config.memory_distance
-        if window:
-            parts.append(attend_grouped(q_local, self.k_rot[:, :, :window], self.v[:, :, :window], scale))
-        parts.append(attend_causal_chunk(q_local, k_local, v, scale))
+        local = self.length
+        if local:
+            parts.append(attend_grouped(q_local, self.k_rot[:, :, :local], self.v[:, :, :local], scale))
+        if not single:
+            parts.append(attend_causal_chunk(q_local, k_local, v, scale))
         out, lse = merge_partials(parts)
         ctx.max_local_distance = max(ctx.max_local_distance, window + q.shape[2] - 1)
-        if not ctx.probe:
+        if single:
+            self.mass[:local] += received_attention(q_local, self.k_rot[:, :, :local], k_local[:, :, :0], lse, scale)
+        elif not ctx.probe:
             mass = received_attention(q_local, self.k_rot[:, :, :window], k_local, lse, scale)
             self._append(k, k_local, v, mass)
         return out
@@ -131,13 +151,16 @@ class LayerMemory:
                 self._cache.popitem(last=False)
         return block
 
-    def _append(self, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, mass: torch.Tensor) -> None:
+    def _append(
+        self, k: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, mass: torch.Tensor | None = None
+    ) -> None:
         window, c = self.length, k.shape[2]
         self._ensure_capacity(window + c)
         self.k_raw[:, :, window : window + c] = k
         self.k_rot[:, :, window : window + c] = k_rot
         self.v[:, :, window : window + c] = v
-        self.mass[: window + c] += mass
+        if mass is not None:
+            self.mass[: window + c] += mass
         self.length = window + c
 
     def _ensure_capacity(self, needed: int) -> None:

@@ -58,7 +58,10 @@ def bundled_gguf(alias: str) -> Path:
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) in eval mode on `device` (default: CUDA if available, else CPU)."""
     if name_or_path in _BUNDLED:
@@ -118,4 +121,11 @@ def _converted_default(alias: str) -> Path:
     return target
 
 
-__all__ = ["DEFAULT_MODEL", "SUPPORTED_MODEL_TYPES", "bundled_gguf", "check_supported", "emllm_home", "load_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "SUPPORTED_MODEL_TYPES",
+    "bundled_gguf",
+    "check_supported",
+    "emllm_home",
+    "load_model",
+]

@@ -28,7 +28,9 @@ def find_rotary_embedding(model: nn.Module) -> nn.Module:
 class RotaryTable:
     """cos/sin for positions 0..length-1, as the model computes them, without its attention scaling."""
 
-    def __init__(self, rotary: nn.Module, length: int, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, rotary: nn.Module, length: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ):
         probe = torch.zeros(1, device=device, dtype=torch.float32)
         positions = torch.arange(length, device=device)[None]
         with torch.no_grad():

@@ -16,7 +16,9 @@ def group_query_for_scoring(q_mean: torch.Tensor, num_kv_heads: int) -> torch.Te
     return q_mean.float().reshape(num_kv_heads, hq // num_kv_heads, d).sum(dim=1).reshape(-1)
 
 
-def select_events(scores: torch.Tensor, sizes: torch.Tensor, budget: int, contiguity_ratio: float) -> torch.Tensor:
+def select_events(
+    scores: torch.Tensor, sizes: torch.Tensor, budget: int, contiguity_ratio: float
+) -> torch.Tensor:
     """Indices of the events to attend, in time order.
 
     1. similarity buffer: events by descending score while their tokens fit budget * (1 - contiguity_ratio);
@@ -37,7 +39,11 @@ def select_events(scores: torch.Tensor, sizes: torch.Tensor, budget: int, contig
     taken = set(chosen)
     for event in chosen[:] if contiguity_ratio > 0 else []:
         for neighbour in (event - 1, event + 1):
-            if 0 <= neighbour < num_events and neighbour not in taken and used + int(sizes[neighbour]) <= budget:
+            if (
+                0 <= neighbour < num_events
+                and neighbour not in taken
+                and used + int(sizes[neighbour]) <= budget
+            ):
                 taken.add(neighbour)
                 chosen.append(neighbour)
                 used += int(sizes[neighbour])

@@ -156,8 +156,9 @@ def refine_boundaries(
     next being starts[i+1] or n, to the split of adjacency[new[i-1]:next, new[i-1]:next] maximising
     modularity or minimising conductance. Both events keep >= min_size tokens when the span allows
     (span >= 2 * min_size), else just non-empty; with max_size, neither event grows past it (the original
-    position always satisfies that, since each step keeps its right event within max_size). Ties go to the candidate closest to the original position
-    (then the left one). The number of events is unchanged; metric "none" returns starts unchanged.
+    position always satisfies that, since each step keeps its right event within max_size). Ties go to the
+    candidate closest to the original position (then the left one). The number of events is unchanged;
+    metric "none" returns starts unchanged.
     """
     if metric == "none":
         return list(starts)

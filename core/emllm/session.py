@@ -94,7 +94,9 @@ class Session:
         engine = self.engine
         with self._lock:
             self.layers = [
-                LayerMemory(i, engine.num_kv_heads, engine.head_dim, engine.config, engine.device, engine.dtype)
+                LayerMemory(
+                    i, engine.num_kv_heads, engine.head_dim, engine.config, engine.device, engine.dtype
+                )
                 for i in range(engine.num_layers)
             ]
             self.timeline = Timeline()
@@ -121,7 +123,9 @@ class Session:
     def text(self) -> str:
         return "".join(self._text_parts)
 
-    def feed(self, data: str | Sequence[int], source_id: str | None = None, *, progress: bool | None = None) -> int:
+    def feed(
+        self, data: str | Sequence[int], source_id: str | None = None, *, progress: bool | None = None
+    ) -> int:
         """Read text (or token ids) into memory; returns the number of tokens added."""
         with self._lock, self._rollback_on_error():
             ids = self._add_input(data, source_id)
@@ -129,7 +133,7 @@ class Session:
             return len(ids)
 
     def forward(self, data: str | Sequence[int], *, progress: bool | None = None) -> torch.Tensor:
-        """Like feed, but return the logits of every new token (T, V): for scoring and tests, not huge inputs."""
+        """Like feed, but return the logits of every new token (T, V): for scoring and tests."""
         with self._lock, self._rollback_on_error():
             ids = self._add_input(data, None)
             pending = self._take_pending()
@@ -213,7 +217,9 @@ class Session:
         chunks = _split_chunks(ids, self.engine.config.chunk_size, query_tail)
         show = progress if progress is not None else len(ids) >= PROGRESS_MIN_TOKENS
         kept = []
-        with tqdm(total=len(ids), unit="tok", desc=f"reading ({self.id})", disable=not show, leave=False) as bar:
+        with tqdm(
+            total=len(ids), unit="tok", desc=f"reading ({self.id})", disable=not show, leave=False
+        ) as bar:
             for chunk in chunks:
                 logits = self._step(chunk, retrieve=True, all_logits=keep_logits)
                 if keep_logits:
@@ -244,7 +250,8 @@ class Session:
     def generate(self, prompt: str | Sequence[int] | None = None, **options) -> str:
         """Continue the session (after reading `prompt`, if given); returns the generated text.
 
-        Options are GenerationConfig fields: max_new_tokens, temperature, top_k, top_p, stop, seed, ignore_eos.
+        Options are GenerationConfig fields: max_new_tokens, temperature, top_k, top_p, stop, seed,
+        ignore_eos.
         """
         return "".join(self.stream(prompt, **options))
 
@@ -332,12 +339,14 @@ class Session:
             for i, (start, stop) in enumerate(self.timeline.events):
                 surprise = self.timeline.surprise[start:stop]
                 known = surprise[~torch.isnan(surprise)]
-                infos.append(EventInfo(
-                    size=stop - start,
-                    mean_surprise=float(known.mean()) if known.numel() else float("nan"),
-                    max_surprise=float(known.max()) if known.numel() else float("nan"),
-                    **self._span_fields(i),
-                ))
+                infos.append(
+                    EventInfo(
+                        size=stop - start,
+                        mean_surprise=float(known.mean()) if known.numel() else float("nan"),
+                        max_surprise=float(known.max()) if known.numel() else float("nan"),
+                        **self._span_fields(i),
+                    )
+                )
             return infos
 
     def _span_fields(self, event_id: int) -> dict:

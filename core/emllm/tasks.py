@@ -24,7 +24,7 @@ PASSKEY_ANSWER_PREFIX = "The pass key is"
 
 @dataclass(frozen=True)
 class Probe:
-    """A prompt with one planted fact: feed `context`, then ask `question` (its own chunk); `answer` scores it."""
+    """One planted fact: feed `context`, then ask `question` (its own chunk); `answer` scores the output."""
 
     context: str
     question: str
@@ -36,7 +36,9 @@ class Probe:
 
 def demo_text() -> str:
     """The ~20k-token public-domain novel excerpt shipped with the package."""
-    return resources.files("emllm").joinpath("data/pride_and_prejudice_excerpt.txt").read_text(encoding="utf-8")
+    return (
+        resources.files("emllm").joinpath("data/pride_and_prejudice_excerpt.txt").read_text(encoding="utf-8")
+    )
 
 
 def fill_to_tokens(tokenizer, source: str, n_tokens: int, offset: int = 0) -> str:
