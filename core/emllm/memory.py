@@ -72,6 +72,8 @@ class LayerMemory:
         self.reprs = torch.empty(0, num_kv_heads * head_dim, device=device, dtype=torch.float32)
         self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._selection: tuple[int, ...] | None = None
+        self._query_sum: torch.Tensor | None = None  # (1,Hq,D) sum of the queries driving retrieval
+        self._query_count = 0
         self._global: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- attention step -------------------------------------------------------------------------
@@ -91,6 +93,7 @@ class LayerMemory:
         if single:
             self._append(k, k_local, v)
         parts = []
+        self._track_query(q, ctx)
         global_kv = self._global_kv(q, ctx)
         if global_kv is not None:
             q_mem = rotary.rotate_at(q, ctx.config.memory_distance)
@@ -117,7 +120,8 @@ class LayerMemory:
             return (self.init_k, self.init_v) if self.init_k.shape[2] else None
         if not (ctx.retrieve or ctx.probe) and self._global is not None:
             return self._global
-        q_mem_mean = ctx.rotary.rotate_at(q.mean(dim=2), ctx.config.memory_distance)  # (1,Hq,D)
+        query = self._retrieval_query(q, ctx).to(q.dtype)  # (1,Hq,D)
+        q_mem_mean = ctx.rotary.rotate_at(query, ctx.config.memory_distance)
         scores = self.reprs @ group_query_for_scoring(q_mem_mean, self.init_k.shape[1])  # (E,)
         chosen = select_events(scores, ctx.event_sizes, self.config.n_mem, self.config.contiguity_ratio)
         if ctx.probe:
@@ -129,6 +133,23 @@ class LayerMemory:
         if not ctx.probe:
             self._selection, self._global = selection, global_kv
         return global_kv
+
+    def _track_query(self, q: torch.Tensor, ctx: ChunkContext) -> None:
+        """Keep the queries that drive retrieval: a multi-token chunk's own; while decoding one token at a
+        time, the last multi-token chunk (the prompt's question) plus every token generated since, so that
+        one generated token does not swap out the events the question brought back."""
+        if ctx.probe:
+            return
+        chunk_sum = q.float().sum(dim=2)  # (1,Hq,D)
+        if q.shape[2] > 1 or self._query_sum is None:
+            self._query_sum, self._query_count = chunk_sum, q.shape[2]
+        else:
+            self._query_sum, self._query_count = self._query_sum + chunk_sum, self._query_count + 1
+
+    def _retrieval_query(self, q: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        if ctx.probe or self._query_sum is None:
+            return q.float().mean(dim=2)
+        return self._query_sum / self._query_count
 
     def _gather(self, selection: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = [self._event_on_device(i) for i in selection]
