@@ -13,15 +13,6 @@ ATOL = 1e-4
 NO_EVICTION = dict(n_init=4, n_local=128, n_mem=48, chunk_size=16, min_event_size=4, max_event_size=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box threads cost 10-30x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(params=list(ARCHITECTURES))
 def pair(request, make_engine):
     """(engine factory, sdpa reference) over the same random weights of one architecture."""

@@ -12,15 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy machine (25 ms per matmul)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _check_valid(chosen: torch.Tensor, sizes: torch.Tensor, budget: int) -> list[int]:
     assert chosen.dtype == torch.long and chosen.dim() == 1
     ids = chosen.tolist()
@@ -216,3 +207,22 @@ def test_no_event_fits_the_budget(make_engine) -> None:
     assert len(session.timeline.events) > 0
     assert all(layer._selection == () for layer in session.layers)
     assert bool(torch.isfinite(logits).all())
+
+
+def test_decoding_retrieves_with_the_question_and_the_tokens_generated_since(make_engine) -> None:
+    """A multi-token chunk resets the retrieval query to its own queries; single decoded tokens add to it;
+    retrieve() (a probe) leaves it alone."""
+    engine = make_engine(decode_retrieval_interval=1)
+    session = engine.session("decode-query")
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    session.feed(ids[:180])
+    layer = session.layers[-1]
+    question = ids[180:196]
+    session.generate(question, max_new_tokens=4)
+    # the question (16 tokens = chunk_size: one chunk) then 3 decoded tokens were computed; the 4th is pending
+    assert layer._query_count == len(question) + 3
+    before = layer._query_sum.clone()
+    session.retrieve("probe text")
+    assert torch.equal(layer._query_sum, before)
+    session.feed(ids[:50])  # pending token + 50 new ones: the last multi-token chunk resets the query
+    assert layer._query_count == 51 % engine.config.chunk_size

@@ -18,15 +18,6 @@ from test_episodes import assert_memory_consistent
 PROMPT = "Once upon a time, "
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box threads cost 10-30x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def engine():
     """One shared engine (sessions are independent); tests that need other settings build their own."""

@@ -32,7 +32,6 @@ class ChunkContext:
     probe: bool = False  # score and attend, but store nothing (used by Session.retrieve)
     probe_scores: dict[int, torch.Tensor] = field(default_factory=dict)
     max_local_distance: int = 0
-    max_memory_distance: int = 0
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -69,12 +68,17 @@ class LayerMemory:
         self.length = 0
         self.events_k: list[torch.Tensor] = []  # CPU tier, (1,Hkv,len,D) each
         self.events_v: list[torch.Tensor] = []
-        self.reprs = torch.empty(0, num_kv_heads * head_dim, device=device, dtype=torch.float32)
+        self._reprs = torch.empty(64, num_kv_heads * head_dim, device=device, dtype=torch.float32)
         self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._selection: tuple[int, ...] | None = None
         self._query_sum: torch.Tensor | None = None  # (1,Hq,D) sum of the queries driving retrieval
         self._query_count = 0
         self._global: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def reprs(self) -> torch.Tensor:
+        """(E, Hkv*D) fp32 representative key of each event (a view of a buffer grown by doubling)."""
+        return self._reprs[: len(self.events_k)]
 
     # -- attention step -------------------------------------------------------------------------
     def attend(
@@ -98,7 +102,6 @@ class LayerMemory:
         if global_kv is not None:
             q_mem = rotary.rotate_at(q, ctx.config.memory_distance)
             parts.append(attend_grouped(q_mem, *global_kv, scale))
-            ctx.max_memory_distance = ctx.config.memory_distance
         local = self.length
         if local:
             parts.append(attend_grouped(q_local, self.k_rot[:, :, :local], self.v[:, :, :local], scale))
@@ -214,8 +217,10 @@ class LayerMemory:
     def _store_event(self, start: int, stop: int) -> None:
         keys = self.k_raw[:, :, start:stop]
         top = torch.topk(self.mass[start:stop], min(self.config.repr_topk, stop - start)).indices
-        representative = keys[0, :, top].float().mean(dim=1).reshape(1, -1)  # (1, Hkv*D)
-        self.reprs = torch.cat((self.reprs, representative))
+        event = len(self.events_k)
+        if event == self._reprs.shape[0]:
+            self._reprs = torch.cat((self._reprs, torch.empty_like(self._reprs)))
+        self._reprs[event] = keys[0, :, top].float().mean(dim=1).reshape(-1)  # (Hkv*D,)
         self.events_k.append(keys.to("cpu", self.offload_dtype).contiguous())
         self.events_v.append(self.v[:, :, start:stop].to("cpu", self.offload_dtype).contiguous())
 
@@ -238,7 +243,6 @@ class LayerMemory:
     def truncate_events(self, keep_events: int, last_event_len: int | None) -> None:
         """Keep the first keep_events events; optionally cut the last kept one to last_event_len tokens."""
         del self.events_k[keep_events:], self.events_v[keep_events:]
-        self.reprs = self.reprs[:keep_events]
         if last_event_len is not None and keep_events:
             i = keep_events - 1
             self.events_k[i] = self.events_k[i][:, :, :last_event_len].contiguous()
