@@ -121,7 +121,10 @@ class Session:
 
     @property
     def text(self) -> str:
-        return "".join(self._text_parts)
+        """The session's text: everything fed and generated."""
+        if len(self._text_parts) > 1:
+            self._text_parts = ["".join(self._text_parts)]
+        return self._text_parts[0] if self._text_parts else ""
 
     def feed(
         self, data: str | Sequence[int], source_id: str | None = None, *, progress: bool | None = None
