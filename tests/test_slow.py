@@ -32,7 +32,7 @@ def passkeys_16k(smollm2):
 def test_passkey_16k_with_a_2k_window(smollm2, passkeys_16k, depth):
     probe, session, answer = passkeys_16k[depth]
     stats = session.stats()
-    assert stats.tokens > 16000 and stats.events > 50
+    assert stats.tokens > 15000 and stats.events > 50  # 16384 nominal, prompt margin included
     assert stats.max_local_distance < stats.memory_distance < smollm2.max_position_embeddings
     assert probe.is_correct(answer), f"depth {depth}: expected {probe.answer}, got {answer!r}"
 
