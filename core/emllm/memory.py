@@ -110,7 +110,8 @@ class LayerMemory:
         out, lse = merge_partials(parts)
         ctx.max_local_distance = max(ctx.max_local_distance, window + q.shape[2] - 1)
         if single:
-            self.mass[:local] += received_attention(q_local, self.k_rot[:, :, :local], k_local[:, :, :0], lse, scale)
+            window_keys = self.k_rot[:, :, :local]  # the new token already sits in the window
+            self.mass[:local] += received_attention(q_local, window_keys, k_local[:, :, :0], lse, scale)
         elif not ctx.probe:
             mass = received_attention(q_local, self.k_rot[:, :, :window], k_local, lse, scale)
             self._append(k, k_local, v, mass)
