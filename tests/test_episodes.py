@@ -86,7 +86,8 @@ def test_no_eviction_while_window_has_room(make_engine) -> None:
 
 
 @pytest.mark.parametrize("refinement", ["none", "modularity", "conductance"])
-def test_event_sizes_respect_max_event_size(make_engine, refinement) -> None:
+def test_event_sizes_stay_within_min_and_max(make_engine, refinement) -> None:
+    """Refinement only moves boundaries between complete events: each keeps min_event_size..max_event_size."""
     engine = make_engine(refinement=refinement)
     session = engine.session("s")
     session.feed(random_ids(1000, seed=2))
@@ -95,6 +96,8 @@ def test_event_sizes_respect_max_event_size(make_engine, refinement) -> None:
     assert len(sizes) > 20
     too_big = [s for s in sizes if s > engine.config.max_event_size]
     assert not too_big, f"{refinement}: events larger than max_event_size=16: {too_big}"
+    too_small = [s for s in sizes if s < engine.config.min_event_size]
+    assert not too_small, f"{refinement}: events smaller than min_event_size=4: {too_small}"
 
 
 class _KeyStub:
@@ -122,18 +125,6 @@ def test_refine_spans_never_exceeds_max_event_size(refinement) -> None:
     sizes = [stop - start for start, stop in refined]
     assert max(sizes) <= config.max_event_size, f"refined spans {refined} exceed max_event_size=16"
     assert min(sizes) >= config.min_event_size
-
-
-@pytest.mark.parametrize("refinement", ["none", "modularity", "conductance"])
-def test_refinement_keeps_min_event_size(make_engine, refinement) -> None:
-    """Refinement only moves boundaries between complete events: each keeps at least min_event_size."""
-    engine = make_engine(refinement=refinement)
-    session = engine.session("s")
-    session.feed(random_ids(1000, seed=3))
-    assert_memory_consistent(session)
-    sizes = [stop - start for start, stop in session.timeline.events]
-    too_small = [s for s in sizes if s < engine.config.min_event_size]
-    assert not too_small, f"{refinement}: events smaller than min_event_size=4: {too_small}"
 
 
 def test_fixed_segmentation_gives_exact_blocks(make_engine) -> None:
