@@ -492,3 +492,78 @@ def test_stats_fields(engine) -> None:
     # truncating below the computed tokens recomputes the new last token (its next-token logits were
     # not kept), then the 10 new ones
     assert session.stats().tokens_computed == stats.tokens_computed + 11
+
+
+# ------------------------------------------------------------------------------------------ history sync
+
+
+def test_sync_reuses_the_prefix_and_computes_only_the_suffix(engine) -> None:
+    history = random_ids(150, seed=11)
+    session = engine.session()
+    assert session.sync(history[:100]) == 0
+    first = session.generate(max_new_tokens=3)
+    assert first
+    grown = session.token_ids + history[100:150]
+    computed_before = session.stats().tokens_computed
+    reused = session.sync(grown)
+    assert reused == len(grown) - 50
+    assert session.token_ids == grown
+    session.generate(max_new_tokens=1)
+    # the 50 new tokens plus the lazily computed last generated token; nothing before it again
+    assert session.stats().tokens_computed - computed_before == 51
+    assert session.stats().tokens_reused == reused
+
+
+def test_sync_to_a_diverged_history_keeps_memory_consistent(engine) -> None:
+    base, other = random_ids(120, seed=12), random_ids(40, seed=13)
+    session = engine.session()
+    session.feed(base)
+    session.generate(max_new_tokens=4)
+    diverged = base[:50] + other  # cuts into evicted events
+    assert session.sync(diverged) == 50
+    assert session.token_ids == diverged
+    assert len(session.generate(max_new_tokens=6)) > 0
+    assert_memory_consistent(session)
+
+
+def test_sync_to_a_diverged_history_matches_a_fresh_session(make_engine) -> None:
+    """Nothing evicted (window larger than the text): the synced session equals one that saw only the
+    new history."""
+    engine = make_engine(n_local=256)
+    base, other = random_ids(120, seed=12), random_ids(40, seed=13)
+    session = engine.session()
+    session.feed(base)
+    session.generate(max_new_tokens=4)
+    diverged = base[:90] + other
+    assert session.sync(diverged) == 90
+    assert session.token_ids == diverged
+    fresh = engine.session()
+    fresh.feed(diverged)
+    assert session.generate(max_new_tokens=6) == fresh.generate(max_new_tokens=6)
+
+
+def test_sync_refuses_empty_and_bad_ids_without_losing_anything(engine) -> None:
+    session = engine.session()
+    session.feed("hello there")
+    before = (session.token_ids, session.text)
+    with pytest.raises(emllm.EmptyInputError):
+        session.sync([])
+    with pytest.raises(ValueError, match="vocabulary"):
+        session.sync([*session.token_ids, 10_000])
+    assert (session.token_ids, session.text) == before
+
+
+def test_logits_processor_constrains_every_step(engine) -> None:
+    allowed = torch.tensor([ord(c) for c in "ab"])
+    seen_lengths = []
+
+    def only_a_or_b(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        seen_lengths.append(len(generated))
+        masked = torch.full_like(logits, float("-inf"))
+        masked[allowed] = logits[allowed]
+        return masked
+
+    session = engine.session()
+    out = session.generate(PROMPT, max_new_tokens=8, logits_processor=only_a_or_b)
+    assert len(out) == 8 and set(out) <= {"a", "b"}
+    assert seen_lengths == list(range(8))

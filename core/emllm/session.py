@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +25,8 @@ from .segmentation import token_surprise
 
 if TYPE_CHECKING:
     from .engine import EMLLM
+
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 PROGRESS_MIN_TOKENS = 4096  # inputs at least this long show a progress bar unless told otherwise
 
@@ -134,6 +136,28 @@ class Session:
             ids = self._add_input(data, source_id)
             self._compute(self._take_pending() + ids, progress=progress)
             return len(ids)
+
+    def sync(self, token_ids: Sequence[int], source_id: str | None = None) -> int:
+        """Make the session hold exactly `token_ids`, reusing the longest prefix it already holds.
+
+        For callers that re-send a whole history each turn (chat adapters): tokens after the common
+        prefix are dropped (the history diverged) and the new suffix is queued, to be computed by the
+        next generate/stream/feed call. Returns the number of tokens reused.
+        """
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise EmptyInputError("cannot sync to an empty token list")
+        with self._lock:
+            held = self.token_ids
+            common = _common_prefix_len(held, ids)
+            if common < len(held):
+                self.truncate(common)
+            if common < len(ids):
+                with self._rollback_on_error():
+                    suffix = self._add_input(ids[common:], source_id)
+                    self._pending.extend(suffix)
+            self._tokens_reused += common
+            return common
 
     def forward(self, data: str | Sequence[int], *, progress: bool | None = None) -> torch.Tensor:
         """Like feed, but return the logits of every new token (T, V): for scoring and tests."""
@@ -250,15 +274,28 @@ class Session:
         return logits
 
     # -- generating ---------------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int] | None = None, **options) -> str:
+    def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        logits_processor: LogitsProcessor | None = None,
+        **options,
+    ) -> str:
         """Continue the session (after reading `prompt`, if given); returns the generated text.
 
         Options are GenerationConfig fields: max_new_tokens, temperature, top_k, top_p, stop, seed,
-        ignore_eos.
+        ignore_eos. `logits_processor(generated_ids, logits) -> logits` may reshape each step's
+        next-token scores (constrained decoding); set a score to -inf to forbid that token.
         """
-        return "".join(self.stream(prompt, **options))
+        return "".join(self.stream(prompt, logits_processor=logits_processor, **options))
 
-    def stream(self, prompt: str | Sequence[int] | None = None, **options) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        logits_processor: LogitsProcessor | None = None,
+        **options,
+    ) -> Iterator[str]:
         """Like generate, yielding text pieces as they are decoded."""
         generation = GenerationConfig(**options)
         with self._lock:
@@ -273,6 +310,8 @@ class Session:
                 for step in range(generation.max_new_tokens):
                     if step:
                         logits = self._decode_pending()
+                    if logits_processor is not None:
+                        logits = logits_processor(list(new_ids), logits)
                     token = choose_token(logits, generation, generator)
                     new_ids.append(token)
                     self._pending.append(token)
@@ -426,6 +465,14 @@ class Session:
                 max_local_distance=self._max_local_distance,
                 memory_distance=self.engine.config.memory_distance,
             )
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _split_chunks(ids: list[int], chunk_size: int, query_tail: int) -> list[list[int]]:
