@@ -1,4 +1,31 @@
 """emllm_kernels: Triton kernels for EM-LLM's hot paths, each beside its torch reference.
 
-Empty until the kernels land (issue 3); the engine's torch path in `emllm.attention` is the reference.
+| kernel               | reference                      | what it computes                                 |
+|----------------------|--------------------------------|--------------------------------------------------|
+| `episodic_attention` | `episodic_attention_reference` | one softmax over global + local keys -> out, lse |
+| `received_mass`      | `received_mass_reference`      | attention mass each local key received           |
+| `event_scores`       | `event_scores_reference`       | representatives vs the grouped mean query        |
+
+Importing this package imports neither triton nor CUDA: the jitted kernels load on the first launch, so
+it works on a CPU-only machine, and `TRITON_INTERPRET=1` set any time before that launch runs them in
+Triton's interpreter on CPU tensors (the tests do). `unavailable_reason` says whether they can run.
+Knows nothing about the engine: no configs, no layers, only tensors.
 """
+
+from .backend import KernelUnavailableError, interpreter_requested, triton_installed, unavailable_reason
+from .episodic_attention import episodic_attention, episodic_attention_reference
+from .event_scores import event_scores, event_scores_reference
+from .received_mass import received_mass, received_mass_reference
+
+__all__ = [
+    "KernelUnavailableError",
+    "episodic_attention",
+    "episodic_attention_reference",
+    "event_scores",
+    "event_scores_reference",
+    "interpreter_requested",
+    "received_mass",
+    "received_mass_reference",
+    "triton_installed",
+    "unavailable_reason",
+]
