@@ -35,18 +35,24 @@ def context_window(engine: emllm.EMLLM) -> int:
     return max(1, min(UNBOUNDED_CONTEXT, budget // bytes_per_token(engine)))
 
 
-def check_fits(engine: emllm.EMLLM, n_tokens: int, what: str) -> None:
-    """Raise emllm.DiskBudgetError when n_tokens of events cannot fit the store's disk budget."""
+def check_fits(engine: emllm.EMLLM, n_tokens: int, what: str, session_id: str | None = None) -> None:
+    """Raise emllm.DiskBudgetError when n_tokens of events cannot fit what is left of the store's disk
+    budget (the store's other sessions stay; `session_id`'s own saved bytes would be replaced)."""
     budget = disk_budget(engine)
     if budget is None:
         return
-    need = n_tokens * bytes_per_token(engine)
-    if need > budget:
+    store = engine.store
+    used = store.total_bytes()
+    if session_id is not None and session_id in store:
+        used -= store.info(session_id).bytes
+    per_token = bytes_per_token(engine)
+    need, free = n_tokens * per_token, max(budget - used, 0)
+    if need > free:
         msg = (
             f"{what} is {n_tokens:,} tokens, about {need / 2**20:,.1f} MiB of episodic memory for "
-            f"{engine.name}; the session store's max_disk_bytes is {budget / 2**20:,.1f} MiB "
-            f"(room for about {budget // bytes_per_token(engine):,} tokens). Raise max_disk_bytes or "
-            "ingest fewer documents."
+            f"{engine.name}; the session store ({store.root}) has {free / 2**20:,.1f} MiB left of its "
+            f"max_disk_bytes ({budget / 2**20:,.1f} MiB), room for about {free // per_token:,} tokens. "
+            "Raise max_disk_bytes, free space in the store, or read fewer documents."
         )
         raise emllm.DiskBudgetError(msg)
 

@@ -1,32 +1,29 @@
-"""What a document session holds, beside its tokens: which documents, where each sits, how long the
-ingested prefix is, and which model read it. Kept with the session so a reopened session answers without
-re-reading anything.
-
-Stored in the session's `metadata` dict when the engine offers one (it is saved with the session);
-otherwise kept in this process only, attached to the live session object. Knows nothing about prompts.
+"""What a document session holds beside its tokens: which documents, where each sits, how long the read
+prefix is, and how a question closes it. Kept with the session (see `_persist`) so a reopened session
+answers without reading anything again. Knows nothing about prompts.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import asdict, dataclass, field
 
 import emllm
 
+from . import _persist
 from ._documents import DocumentSpan
 
-KEY = "llama_index.documents"
-_LOCAL: weakref.WeakKeyDictionary[emllm.Session, dict] = weakref.WeakKeyDictionary()
+KEY = "documents"
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """The ingested prefix of a document session."""
+    """The documents read into a session: its first n_tokens tokens (n_chars characters)."""
 
     model: str
-    fingerprint: str
+    fingerprint: str  # of the documents and the prompt frame
     n_tokens: int
     n_chars: int
+    prefix_digest: str  # of those n_tokens token ids
     question_suffix: str  # what closes the user turn and opens the answer, after each question
     documents: list[DocumentSpan] = field(default_factory=list)
 
@@ -39,30 +36,25 @@ class Manifest:
         return cls(**{**data, "documents": docs})
 
 
-def _metadata(session: emllm.Session) -> dict:
-    metadata = getattr(session, "metadata", None)
-    if isinstance(metadata, dict):
-        return metadata
-    return _LOCAL.setdefault(session, {})
-
-
 def write(session: emllm.Session, manifest: Manifest) -> None:
-    _metadata(session)[KEY] = manifest.as_dict()
+    _persist.write(session, KEY, manifest.as_dict())
 
 
 def read(session: emllm.Session) -> Manifest | None:
-    """The session's manifest, or None if it holds no ingested documents (or they were cut away)."""
-    data = _metadata(session).get(KEY)
-    if data is None:
+    """The session's manifest; None if it holds no documents, or no longer the tokens the manifest
+    describes (the session was cut back or rewritten since)."""
+    data = _persist.read(session, KEY)
+    if not isinstance(data, dict):
         return None
     manifest = Manifest.from_dict(data)
-    if len(session.token_ids) < manifest.n_tokens:
+    ids = session.token_ids[: manifest.n_tokens]
+    if len(ids) < manifest.n_tokens or _persist.prefix_digest(ids) != manifest.prefix_digest:
         return None
     return manifest
 
 
 def clear(session: emllm.Session) -> None:
-    _metadata(session).pop(KEY, None)
+    _persist.write(session, KEY, None)
 
 
 __all__ = ["KEY", "Manifest", "clear", "read", "write"]

@@ -32,7 +32,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from . import _chat
+from . import _chat, _persist
 from ._budget import context_window
 from ._threads import iterate_in_thread
 from ._usage import Usage
@@ -330,7 +330,7 @@ class EMLLM(FunctionCallingLLM):
             yield piece, usage
         usage.completion_tokens = len(session.token_ids) - len(token_ids)
         if session_id is not None and self.autosave:
-            _save(session)
+            _persist.save_if_stored(session)
         yield "", usage
 
 
@@ -338,12 +338,6 @@ def _usage_fields(usage: Usage) -> dict:
     """`raw` and `additional_kwargs` of a response, both carrying the token counts."""
     counts = usage.as_dict()
     return {"raw": {"usage": counts}, "additional_kwargs": dict(counts)}
-
-
-def _save(session: emllm.Session) -> None:
-    save = getattr(session, "save", None)
-    if save is not None and getattr(session.engine, "store", None) is not None:
-        save()
 
 
 async def _in_thread(fn: Any, *args: Any) -> Any:

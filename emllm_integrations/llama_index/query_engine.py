@@ -25,7 +25,7 @@ from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 from llama_index.core.settings import Settings
 from tqdm.auto import tqdm
 
-from . import _chat, _manifest
+from . import _chat, _manifest, _persist
 from ._budget import check_fits
 from ._documents import DocumentSpan, attended_nodes, check_documents, fingerprint, hit_nodes, text_pieces
 from ._manifest import Manifest
@@ -116,7 +116,8 @@ class EpisodicQueryEngine(CustomQueryEngine):
         manifest = _manifest.read(session)
         if manifest is None or manifest.fingerprint != digest:
             manifest = _ingest(llm.engine, session, docs, before, after, digest, show_progress)
-            _save(session)
+            _persist.save_if_stored(session)  # the tokens first: a record never describes unsaved tokens
+            _manifest.write(session, manifest)
         else:
             logger.info("session %r already holds these documents: not reading them again", session_id)
         return cls(llm=llm, session_id=session_id, session=session, manifest=manifest, **kwargs)
@@ -223,7 +224,8 @@ def _ingest(
     texts = [doc.get_content() for doc in docs]
     counts = [len(engine.encode(text)) for text in texts]
     overhead = len(engine.encode(before + after)) + len(docs) * 2
-    check_fits(engine, sum(counts) + overhead, f"the document set ({len(docs)} documents)")
+    what = f"the document set ({len(docs)} documents)"
+    check_fits(engine, sum(counts) + overhead, what, session_id=session.id)
     session.reset()
     _manifest.clear(session)
     chars_per_piece = max(256, int(PIECE_TOKENS * sum(len(t) for t in texts) / max(sum(counts), 1)))
@@ -239,26 +241,21 @@ def _ingest(
             for piece in text_pieces(text, chars_per_piece):
                 bar.update(session.feed(piece, source_id=doc.node_id, progress=False))
             spans.append(DocumentSpan(doc.node_id, start, len(session.text), _json_safe(doc.metadata)))
+    ids = session.token_ids
     manifest = Manifest(
         model=engine.name,
         fingerprint=digest,
-        n_tokens=len(session.token_ids),
+        n_tokens=len(ids),
+        prefix_digest=_persist.prefix_digest(ids),
         n_chars=len(session.text),
         question_suffix=after,
         documents=spans,
     )
-    _manifest.write(session, manifest)
     return manifest
 
 
 def _json_safe(metadata: dict) -> dict:
     return json.loads(json.dumps(metadata, default=str))
-
-
-def _save(session: emllm.Session) -> None:
-    save = getattr(session, "save", None)
-    if save is not None and getattr(session.engine, "store", None) is not None:
-        save()
 
 
 __all__ = ["DEFAULT_QUESTION_TEMPLATE", "EpisodicQueryEngine"]
