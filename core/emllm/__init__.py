@@ -8,15 +8,21 @@ from .config import PRESETS, EMLLMConfig
 from .engine import EMLLM
 from .errors import (
     ConfigError,
+    CorruptSessionError,
+    DiskBudgetError,
     EMLLMError,
     EmptyInputError,
     ModelLoadError,
+    ModelMismatchError,
+    SessionLockedError,
     SessionNotFoundError,
+    StoreError,
     UnsupportedModelError,
 )
 from .generation import GenerationConfig
 from .models import DEFAULT_MODEL, SUPPORTED_MODEL_TYPES
 from .session import EventInfo, RetrievalHit, Session, SessionStats
+from .store import SessionStore, StoredSession
 
 __version__ = "0.1.0"
 
@@ -26,16 +32,23 @@ __all__ = [
     "PRESETS",
     "SUPPORTED_MODEL_TYPES",
     "ConfigError",
+    "CorruptSessionError",
+    "DiskBudgetError",
     "EMLLMConfig",
     "EMLLMError",
     "EmptyInputError",
     "EventInfo",
     "GenerationConfig",
     "ModelLoadError",
+    "ModelMismatchError",
     "RetrievalHit",
     "Session",
+    "SessionLockedError",
     "SessionNotFoundError",
     "SessionStats",
+    "SessionStore",
+    "StoreError",
+    "StoredSession",
     "UnsupportedModelError",
     "__version__",
 ]

@@ -6,6 +6,7 @@ serialised per engine (one model, one forward at a time); each session has its o
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 
@@ -15,10 +16,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .attention import ATTENTION_NAME, register_attention
 from .config import EMLLMConfig
 from .errors import SessionNotFoundError
+from .fingerprint import model_fingerprint
 from .memory import ChunkContext
 from .models import DEFAULT_MODEL, check_supported, load_model
 from .positions import RotaryTable, find_rotary_embedding
 from .session import Session
+from .store import SessionStore
 
 
 def default_config(name: str) -> EMLLMConfig:
@@ -43,6 +46,7 @@ class EMLLM:
         tokenizer: PreTrainedTokenizerBase,
         config: EMLLMConfig | None = None,
         name: str | None = None,
+        store: SessionStore | str | os.PathLike | None = None,
     ):
         check_supported(model)
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
@@ -68,6 +72,8 @@ class EMLLM:
         self._forward_lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
+        self.store = store if isinstance(store, SessionStore) or store is None else SessionStore(store)
+        self._fingerprint: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -77,34 +83,72 @@ class EMLLM:
         *,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        store: SessionStore | str | os.PathLike | None = None,
     ) -> EMLLM:
-        """Load a model (HF id, directory, .gguf file, or "smollm2-135m-instruct") with episodic memory."""
+        """Load a model (HF id, directory, .gguf file, or "smollm2-135m-instruct") with episodic memory.
+
+        With a `store` (a SessionStore or a folder), sessions with an id persist: `session(id)` reopens a
+        saved one and `Session.save()` writes it.
+        """
         model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
-        return cls(model, tokenizer, config=config, name=name_or_path)
+        return cls(model, tokenizer, config=config, name=name_or_path, store=store)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies model weights, architecture, dtype and vocabulary (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model, self.tokenizer, self.dtype)
+        return self._fingerprint
 
     # -- sessions ---------------------------------------------------------------------------------
     def session(self, id: str | None = None, *, create: bool = True) -> Session:
-        """The session with this id (created unless create=False); no id gives a new throwaway session."""
+        """The session with this id (created unless create=False); no id gives a new throwaway session.
+
+        With a store, a saved session of this id is reopened (and locked for this engine).
+        """
         with self._sessions_lock:
             if id is None:
                 return Session(self, f"tmp-{uuid.uuid4().hex[:12]}")
             if id not in self._sessions:
-                if not create:
-                    msg = f"no session {id!r} in this engine (sessions: {sorted(self._sessions) or 'none'})"
-                    raise SessionNotFoundError(msg)
-                self._sessions[id] = Session(self, id)
+                stored = self.store is not None and id in self.store
+                if not create and not stored:
+                    known = sorted(self._sessions_and_stored()) or "none"
+                    raise SessionNotFoundError(f"no session {id!r} in this engine (sessions: {known})")
+                session = Session(self, id)
+                if self.store is not None:
+                    self.store.attach(session)
+                self._sessions[id] = session
             return self._sessions[id]
 
     def session_ids(self) -> list[str]:
+        """Sessions open in this engine and, with a store, those saved in it."""
         with self._sessions_lock:
-            return sorted(self._sessions)
+            return sorted(self._sessions_and_stored())
 
-    def drop_session(self, id: str) -> None:
-        """Forget a session and free its memory."""
+    def _sessions_and_stored(self) -> set[str]:
+        stored = {s.id for s in self.store.list()} if self.store is not None else set()
+        return set(self._sessions) | stored
+
+    def drop_session(self, id: str, *, delete: bool = False) -> None:
+        """Close a session and free its memory; with delete=True also remove it from the store."""
         with self._sessions_lock:
-            if id not in self._sessions:
+            open_here = id in self._sessions
+            stored = self.store is not None and id in self.store
+            if not open_here and not (delete and stored):
                 raise SessionNotFoundError(f"no session {id!r} in this engine")
-            del self._sessions[id]
+            self._sessions.pop(id, None)
+            if self.store is not None:
+                self.store.unlock(id)
+                if delete and stored:
+                    self.store.delete(id)
+
+    def close(self) -> None:
+        """Close every session (releasing their store locks); saved data stays on disk."""
+        with self._sessions_lock:
+            if self.store is not None:
+                for id in self._sessions:
+                    self.store.unlock(id)
+            self._sessions.clear()
 
     # -- model ------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -30,11 +30,36 @@ class SessionNotFoundError(EMLLMError, KeyError):
         return str(self.args[0]) if self.args else "session not found"
 
 
+class StoreError(EMLLMError):
+    """Base class of session-store failures."""
+
+
+class ModelMismatchError(StoreError, ValueError):
+    """A stored session was written by another model (architecture, weights or tokenizer differ)."""
+
+
+class CorruptSessionError(StoreError, OSError):
+    """A stored file is missing, truncated or fails its checksum; nothing of it was used."""
+
+
+class SessionLockedError(StoreError, RuntimeError):
+    """Another process (or engine) holds the session open for writing."""
+
+
+class DiskBudgetError(StoreError, OSError):
+    """Saving would take the store past its max_disk_bytes."""
+
+
 __all__ = [
     "ConfigError",
+    "CorruptSessionError",
+    "DiskBudgetError",
     "EMLLMError",
     "EmptyInputError",
     "ModelLoadError",
+    "ModelMismatchError",
+    "SessionLockedError",
     "SessionNotFoundError",
+    "StoreError",
     "UnsupportedModelError",
 ]

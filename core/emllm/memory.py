@@ -18,6 +18,7 @@ from .attention import attend_causal_chunk, attend_grouped, merge_partials, rece
 from .config import EMLLMConfig
 from .positions import RotaryTable
 from .retrieval import group_query_for_scoring, select_events
+from .tiers import EventList
 
 
 @dataclass
@@ -66,8 +67,8 @@ class LayerMemory:
         self.v = torch.empty(buf, device=device, dtype=dtype)
         self.mass = torch.zeros(capacity, device=device, dtype=torch.float32)
         self.length = 0
-        self.events_k: list[torch.Tensor] = []  # CPU tier, (1,Hkv,len,D) each
-        self.events_v: list[torch.Tensor] = []
+        self.events_k = EventList()  # CPU and disk tiers, (1,Hkv,len,D) each
+        self.events_v = EventList()
         self._reprs = torch.empty(64, num_kv_heads * head_dim, device=device, dtype=torch.float32)
         self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._selection: tuple[int, ...] | None = None
@@ -79,6 +80,15 @@ class LayerMemory:
     def reprs(self) -> torch.Tensor:
         """(E, Hkv*D) fp32 representative key of each event (a view of a buffer grown by doubling)."""
         return self._reprs[: len(self.events_k)]
+
+    def load_reprs(self, reprs: torch.Tensor | None) -> None:
+        """Representatives of reopened events (E, Hkv*D), in a buffer with room to grow."""
+        count = 0 if reprs is None else reprs.shape[0]
+        width = self._reprs.shape[1]
+        buffer = torch.empty(max(64, 2 * count), width, device=self.device, dtype=torch.float32)
+        if count:
+            buffer[:count] = reprs.to(self.device, torch.float32)
+        self._reprs = buffer
 
     # -- attention step -------------------------------------------------------------------------
     def attend(
@@ -263,14 +273,18 @@ class LayerMemory:
 
         A cached block that is the CPU-tier tensor itself (same device and dtype) is not counted twice.
         """
-        stored = {k.data_ptr() for k in self.events_k}
+        stored = {k.data_ptr() for k in self.events_k.ram_tensors()}
         cached = sum(_nbytes(k) + _nbytes(v) for k, v in self._cache.values() if k.data_ptr() not in stored)
         buffers = (self.init_k, self.init_v, self.k_raw, self.k_rot, self.v, self.mass, self.reprs)
         return sum(_nbytes(t) for t in buffers) + cached
 
     def cpu_bytes(self) -> int:
-        """The offloaded events (CPU tier)."""
-        return sum(_nbytes(k) + _nbytes(v) for k, v in zip(self.events_k, self.events_v, strict=True))
+        """The offloaded events held in RAM (CPU tier)."""
+        return self.events_k.ram_bytes() + self.events_v.ram_bytes()
+
+    def disk_bytes(self) -> int:
+        """The events served memory-mapped from saved segments (disk tier)."""
+        return self.events_k.disk_bytes() + self.events_v.disk_bytes()
 
 
 __all__ = ["ChunkContext", "LayerMemory"]

@@ -18,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .episodes import Timeline, evict
-from .errors import EmptyInputError
+from .errors import EmptyInputError, StoreError
 from .generation import GenerationConfig, TextAccumulator, choose_token
 from .memory import ChunkContext, LayerMemory
 from .segmentation import token_surprise
+from .snapshot import SavedState
 
 if TYPE_CHECKING:
     from .engine import EMLLM
@@ -89,6 +90,7 @@ class Session:
         self.engine = engine
         self.id = session_id
         self._lock = threading.RLock()
+        self._saved: SavedState | None = None  # set when a SessionStore holds this session
         self.reset()
 
     def reset(self) -> None:
@@ -114,6 +116,8 @@ class Session:
             self._tokens_reused = 0
             self._max_local_distance = 0
             self._decode_steps = 0
+            if self._saved is not None:
+                self._saved.invalidate_after(n_tokens=0, n_chars=0)
 
     # -- reading ------------------------------------------------------------------------------------
     @property
@@ -268,6 +272,7 @@ class Session:
         self.timeline.append(chunk, surprise, config)
         if evict(self.timeline, self.layers, config, self.engine.rotary):
             self._event_sizes = self.timeline.event_sizes()
+            self._save_if_over_ram_budget()
         self._last_logprobs = torch.log_softmax(logits[-1].float(), dim=-1).cpu()
         self._tokens_computed += len(chunk)
         self._max_local_distance = max(self._max_local_distance, context.max_local_distance)
@@ -426,6 +431,8 @@ class Session:
             self._truncate_text(n_tokens)
 
     def _truncate_memory(self, n_tokens: int) -> None:
+        if self._saved is not None:
+            self._saved.invalidate_after(n_tokens=n_tokens)
         window_start = self.timeline.window_start
         kept_events, last_len = self.timeline.truncate(n_tokens)
         for layer in self.layers:
@@ -443,7 +450,31 @@ class Session:
         del self._char_start[n_tokens:], self._char_end[n_tokens:]
         text = self.text[:chars]
         self._text_parts, self._char_len = [text], len(text)
+        if self._saved is not None:
+            self._saved.invalidate_after(n_chars=chars)
         self._sources = [(s, src) for s, src in self._sources if s < n_tokens]
+
+    # -- persistence --------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write this session to the engine's SessionStore: only what changed since the last save, atomically.
+
+        Saved events are served memory-mapped from disk afterwards (their RAM copies are dropped).
+        """
+        store = self.engine.store
+        if store is None or self._saved is None:
+            where = (
+                "this engine has no store" if store is None else "throwaway sessions (no id) are not stored"
+            )
+            raise StoreError(f"cannot save session {self.id!r}: {where}; pass store=... to EMLLM")
+        with self._lock:
+            store.save(self)
+
+    def _save_if_over_ram_budget(self) -> None:
+        store = self.engine.store
+        if store is None or self._saved is None or store.max_ram_bytes is None:
+            return
+        if sum(layer.cpu_bytes() for layer in self.layers) > store.max_ram_bytes:
+            store.save(self)
 
     def stats(self) -> SessionStats:
         with self._lock:
@@ -461,7 +492,7 @@ class Session:
                 mean_event_size=float(sizes.float().mean()) if sizes.numel() else 0.0,
                 device_bytes=sum(layer.device_bytes() for layer in self.layers),
                 cpu_bytes=sum(layer.cpu_bytes() for layer in self.layers),
-                disk_bytes=0,
+                disk_bytes=self._saved.disk_bytes if self._saved is not None else 0,
                 max_local_distance=self._max_local_distance,
                 memory_distance=self.engine.config.memory_distance,
             )
