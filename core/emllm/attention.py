@@ -5,7 +5,9 @@ Per layer and chunk of c new tokens (window of W older tokens, relative position
   global part : queries rotated to `memory_distance`, init and retrieved keys at position 0
   local part  : queries at W..W+c-1 over the window keys at 0..W-1 (no mask)
   chunk part  : the chunk over itself, causal
-Each part returns (output, lse); `merge_partials` combines them exactly as one softmax would.
+Each part returns (output, lse); `merge_partials` combines them exactly as one softmax would. That torch
+path is the CPU path and the reference; `use_triton_kernels` decides when LayerMemory takes the fused
+Triton kernels of `emllm_kernels` instead (one pass over all three parts).
 
 Knows nothing about segmentation or sessions: state arrives through the `emllm_context` forward kwarg.
 """
@@ -16,6 +18,9 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+from emllm_kernels import unavailable_reason
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .memory import LayerMemory
@@ -32,6 +37,22 @@ def set_attention_backend(name: str) -> None:
     if name not in ("auto", "reference"):
         raise ValueError(f"unknown attention backend {name!r}; use 'auto' or 'reference'")
     _backend = name
+
+
+def use_triton_kernels(choice: str, device: torch.device | str, head_dim: int) -> bool:
+    """Resolve EMLLMConfig.kernels for one layer's tensors: True = the fused emllm_kernels path.
+
+    "torch": never. "auto": on CUDA when the kernels can run there. "triton": always, or a ConfigError that
+    says why they cannot run (no triton; CPU tensors without TRITON_INTERPRET=1; head_dim too large).
+    """
+    if choice == "torch":
+        return False
+    reason = unavailable_reason(device, head_dim)
+    if choice == "auto":
+        return reason is None and torch.device(device).type == "cuda"
+    if reason is not None:
+        raise ConfigError(f"kernels='triton' cannot run here: {reason}; use kernels='auto' or 'torch'")
+    return True
 
 
 def attend_reference(
@@ -181,4 +202,5 @@ __all__ = [
     "received_attention",
     "register_attention",
     "set_attention_backend",
+    "use_triton_kernels",
 ]

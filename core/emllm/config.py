@@ -95,6 +95,12 @@ class EMLLMConfig(BaseModel):
         description="Event blocks per layer kept on the compute device in compute dtype (LRU); "
         "None = 256 on an accelerator, 0 on CPU (where the CPU tier is already the compute device).",
     )
+    kernels: Literal["auto", "triton", "torch"] = Field(
+        default="auto",
+        description="Attention and scoring path: 'auto' = the Triton kernels (emllm_kernels) on CUDA when "
+        "triton is installed, the torch path otherwise; 'triton' = always the kernels (an error where they "
+        "cannot run; on CPU only under TRITON_INTERPRET=1, for tests); 'torch' = always the torch path.",
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> EMLLMConfig:

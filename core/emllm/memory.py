@@ -13,8 +13,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+from emllm_kernels import episodic_attention, event_scores, received_mass
 
-from .attention import attend_causal_chunk, attend_grouped, merge_partials, received_attention
+from .attention import (
+    attend_causal_chunk,
+    attend_grouped,
+    merge_partials,
+    received_attention,
+    use_triton_kernels,
+)
 from .config import EMLLMConfig
 from .positions import RotaryTable
 from .retrieval import group_query_for_scoring, select_events
@@ -75,6 +82,7 @@ class LayerMemory:
         self._query_sum: torch.Tensor | None = None  # (1,Hq,D) sum of the queries driving retrieval
         self._query_count = 0
         self._global: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.use_kernels = use_triton_kernels(config.kernels, device, head_dim)  # resolved once, fails early
 
     @property
     def reprs(self) -> torch.Tensor:
@@ -106,9 +114,12 @@ class LayerMemory:
         single = q.shape[2] == 1 and not ctx.probe
         if single:
             self._append(k, k_local, v)
-        parts = []
         self._track_query(q, ctx)
         global_kv = self._global_kv(q, ctx)
+        ctx.max_local_distance = max(ctx.max_local_distance, window + q.shape[2] - 1)
+        if self.use_kernels:
+            return self._attend_fused(q, q_local, k, k_local, v, scale, ctx, global_kv, single)
+        parts = []
         if global_kv is not None:
             q_mem = rotary.rotate_at(q, ctx.config.memory_distance)
             parts.append(attend_grouped(q_mem, *global_kv, scale))
@@ -118,12 +129,34 @@ class LayerMemory:
         if not single:
             parts.append(attend_causal_chunk(q_local, k_local, v, scale))
         out, lse = merge_partials(parts)
-        ctx.max_local_distance = max(ctx.max_local_distance, window + q.shape[2] - 1)
         if single:
             window_keys = self.k_rot[:, :, :local]  # the new token already sits in the window
             self.mass[:local] += received_attention(q_local, window_keys, k_local[:, :, :0], lse, scale)
         elif not ctx.probe:
             mass = received_attention(q_local, self.k_rot[:, :, :window], k_local, lse, scale)
+            self._append(k, k_local, v, mass)
+        return out
+
+    def _attend_fused(self, q, q_local, k, k_local, v, scale, ctx, global_kv, single) -> torch.Tensor:
+        """attend() on the Triton kernels: one pass over global + window + chunk keys, then the mass."""
+        if single:  # the new token already sits at the end of the window
+            window = self.length - 1
+            keys, values = self.k_rot[:, :, : self.length], self.v[:, :, : self.length]
+        else:
+            window = self.length
+            keys = torch.cat((self.k_rot[:, :, :window], k_local), dim=2)
+            values = torch.cat((self.v[:, :, :window], v), dim=2)
+        if global_kv is None:
+            q_mem, global_kv = q_local, (keys[:, :, :0], values[:, :, :0])
+        else:
+            q_mem = ctx.rotary.rotate_at(q, ctx.config.memory_distance)
+        out, lse = episodic_attention(q_mem, q_local, *global_kv, keys, values, scale, window)
+        if ctx.probe:
+            return out
+        mass = received_mass(q_local, keys, lse, scale, window)[0]
+        if single:
+            self.mass[: self.length] += mass
+        else:
             self._append(k, k_local, v, mass)
         return out
 
@@ -136,7 +169,10 @@ class LayerMemory:
             return self._global
         query = self._retrieval_query(q, ctx).to(q.dtype)  # (1,Hq,D)
         q_mem_mean = ctx.rotary.rotate_at(query, ctx.config.memory_distance)
-        scores = self.reprs @ group_query_for_scoring(q_mem_mean, self.init_k.shape[1])  # (E,)
+        if self.use_kernels:
+            scores = event_scores(self.reprs, q_mem_mean[0], self.init_k.shape[1])  # (E,)
+        else:
+            scores = self.reprs @ group_query_for_scoring(q_mem_mean, self.init_k.shape[1])  # (E,)
         chosen = select_events(scores, ctx.event_sizes, self.config.n_mem, self.config.contiguity_ratio)
         if ctx.probe:
             ctx.probe_scores[self.layer_idx] = scores

@@ -1,9 +1,13 @@
 """Where the Triton kernels can run: probes that never import CUDA, and the launch-time checks.
 
+The jitted kernels live in private `_*_jit.py` modules imported on the first launch, so importing
+emllm_kernels needs neither triton nor a GPU.
+
 Triton decides at decoration time whether `@triton.jit` compiles for the GPU or builds an interpreted
-function (TRITON_INTERPRET=1, CPU tensors, numpy underneath). That is why the jitted kernels live in
-private `_*_jit.py` modules imported on first launch: setting the variable any time before the first
-launch is enough. Knows nothing about attention.
+function (TRITON_INTERPRET=1: CPU tensors, numpy underneath), and its own standard library (tl.sum,
+tl.zeros, ...) is decorated when triton is first imported. transformers' model code imports triton (through
+torch._dynamo), so the variable must be in the environment before that: set it when the process starts.
+`check_launchable` turns a late setting into a clear error. Knows nothing about attention.
 """
 
 from __future__ import annotations
@@ -55,10 +59,10 @@ def check_launchable(kernel, *tensors: torch.Tensor) -> None:
     if len(devices) != 1:
         raise KernelUnavailableError(f"kernel inputs on several devices: {sorted(map(str, devices))}")
     device = devices.pop()
-    if device.type == "cpu" and not is_interpreted(kernel):
+    if device.type == "cpu" and not (is_interpreted(kernel) and _standard_library_interpreted()):
         msg = (
-            "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before the first kernel launch "
-            "of this process (this kernel was already compiled for the GPU)"
+            "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 in the environment before the "
+            "process imports triton (transformers' model code does); it was set too late or not at all"
         )
         raise KernelUnavailableError(msg)
     if device.type == "cuda" and is_interpreted(kernel):
@@ -69,6 +73,12 @@ def check_launchable(kernel, *tensors: torch.Tensor) -> None:
 def is_interpreted(kernel) -> bool:
     """The jitted function runs in Triton's interpreter (decided when its module was imported)."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def _standard_library_interpreted() -> bool:
+    import triton.language as tl
+
+    return is_interpreted(tl.zeros)
 
 
 def next_power_of_2(n: int) -> int:
