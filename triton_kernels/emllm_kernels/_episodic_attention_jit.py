@@ -53,7 +53,8 @@ def attend_key_range(
     return acc, m_i, l_i
 
 
-@triton.jit
+# lengths change with every chunk: specialising on them (==1, divisible by 16) would recompile mid-stream
+@triton.jit(do_not_specialize=["query_len", "num_global", "num_local", "window_len"])
 def episodic_attention_kernel(
     QM, QL, KG, VG, KL, VL, OUT, LSE,
     s_qm_b, s_qm_h, s_qm_l, s_ql_b, s_ql_h, s_ql_l,

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_events"])  # grows with every evicted event
 def event_scores_kernel(
     REPRS, QUERY, SCORES, s_r_e, s_q_h, num_events, num_kv_heads, head_dim,
     GROUP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,

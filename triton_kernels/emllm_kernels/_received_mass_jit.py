@@ -11,7 +11,7 @@ import triton.language as tl
 from ._episodic_attention_jit import LOG2E, dot
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["query_len", "num_local", "window_len"])  # lengths change every chunk
 def received_mass_kernel(
     QL, KL, LSE, MASS,
     s_ql_b, s_ql_h, s_ql_l, s_kl_b, s_kl_h, s_kl_n,
