@@ -113,13 +113,15 @@ attention_shapes = st.fixed_dictionaries(
     }
 )
 # explicit edge cases, whatever hypothesis draws: no retrieved tokens, one, a batch, one query (decoding),
-# lengths just past the 64-key block, 16-row blocks filled exactly
+# lengths just past the 64-key block, 16-row blocks filled exactly, the largest and a tiny head_dim
 EDGE_CASES = [
     dict(batch=1, kv_heads=2, groups=4, query_len=5, num_global=0, window_len=0, head_dim=16),
     dict(batch=1, kv_heads=1, groups=3, query_len=7, num_global=1, window_len=1, head_dim=64),
     dict(batch=2, kv_heads=2, groups=1, query_len=3, num_global=65, window_len=63, head_dim=128),
     dict(batch=1, kv_heads=2, groups=8, query_len=1, num_global=130, window_len=129, head_dim=128),
     dict(batch=1, kv_heads=1, groups=4, query_len=4, num_global=64, window_len=64, head_dim=32),
+    dict(batch=1, kv_heads=1, groups=1, query_len=3, num_global=33, window_len=40, head_dim=256),  # largest
+    dict(batch=1, kv_heads=2, groups=3, query_len=5, num_global=9, window_len=12, head_dim=8),  # padded to 16
 ]
 
 
