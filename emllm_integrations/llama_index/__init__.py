@@ -6,6 +6,7 @@
 """
 
 from .llm import EMLLM
+from .memory_block import EpisodicMemoryBlock
 from .query_engine import EpisodicQueryEngine
 
-__all__ = ["EMLLM", "EpisodicQueryEngine"]
+__all__ = ["EMLLM", "EpisodicMemoryBlock", "EpisodicQueryEngine"]

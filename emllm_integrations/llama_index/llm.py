@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import emllm
+from emllm.chat_session import ChatSession, encode_with_prefix
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 # Per-call keyword arguments that set generation options (the rest is refused, naming these).
 _OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 _ALIASES = {"max_tokens": "max_new_tokens"}
+ARCHIVE_KEY = "archived_messages"
 
 
 class EMLLM(FunctionCallingLLM):
@@ -193,10 +195,19 @@ class EMLLM(FunctionCallingLLM):
         if not prompt:
             raise emllm.EmptyInputError("the prompt is empty")
         session_id, options = self._call_options(kwargs)
+        session = self._engine.session(session_id)
+        ids = encode_with_prefix(self._engine.tokenizer, prompt, session.token_ids)
+        usage = Usage(prompt_tokens=len(ids))
+        usage.cached_tokens = session.sync(ids)
         text = ""
-        for piece, usage in self._generate(session_id, self._engine.encode(prompt), options):
+        for piece in session.stream(**options):
             text += piece
+            usage.completion_tokens = len(session.token_ids) - len(ids)
             yield CompletionResponse(text=text, delta=piece, **_usage_fields(usage))
+        usage.completion_tokens = len(session.token_ids) - len(ids)
+        if session_id is not None and self.autosave:
+            _persist.save_if_stored(session)
+        yield CompletionResponse(text=text, delta="", **_usage_fields(usage))
 
     # -- chat -------------------------------------------------------------------------------------
     @llm_chat_callback()
@@ -223,16 +234,27 @@ class EMLLM(FunctionCallingLLM):
         return response
 
     def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict) -> ChatResponseGen:
-        tools = kwargs.pop("tools", None) or []
+        tools = _chat.tool_specs(kwargs.pop("tools", None) or [])
         tool_choice = kwargs.pop("tool_choice", None)
         session_id, options = self._call_options(kwargs)
-        history = self._with_archive(session_id, list(messages))
-        prompt = _chat.render(self._engine, history, tools, tool_choice)
+        history = _chat.to_emllm_messages(self._with_archive(session_id, list(messages)))
+        session = self._engine.session(session_id)
+        stream = ChatSession.of(session).stream(history, tools=tools, tool_choice=tool_choice, **options)
         text = ""
-        for piece, usage in self._generate(session_id, prompt.token_ids, options, prompt.logits_processor):
-            text += piece
-            message = _chat.assistant_message(text, prompt, final=not piece)
-            yield ChatResponse(message=message, delta=piece, **_usage_fields(usage))
+        try:
+            for piece in stream:
+                text += piece
+                prompt_tokens, cached = stream.usage_so_far
+                usage = Usage(prompt_tokens, len(session.token_ids) - prompt_tokens, cached)
+                message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+                yield ChatResponse(message=message, delta=piece, **_usage_fields(usage))
+        finally:
+            stream.close()
+        reply = stream.reply
+        usage = Usage(reply.usage.input_tokens, reply.usage.output_tokens, reply.usage.cached_tokens)
+        if session_id is not None and self.autosave:
+            _persist.save_if_stored(session)
+        yield ChatResponse(message=_chat.assistant_message(reply), delta="", **_usage_fields(usage))
 
     # -- tools ------------------------------------------------------------------------------------
     def _prepare_chat_with_tools(
@@ -278,18 +300,30 @@ class EMLLM(FunctionCallingLLM):
     # -- sessions ---------------------------------------------------------------------------------
     def archive(self, messages: Sequence[ChatMessage], session_id: str | None = None) -> None:
         """Move chat history out of the live prompt into the session: every later chat in this session
-        renders these messages right after its system messages, so they stay in the token stream (read once,
-        kept as events) while the caller no longer sends them. Used by `EpisodicMemoryBlock`."""
+        renders these messages right after its system messages, so they stay in the token stream (read
+        once, kept as events) while the caller no longer sends them. Used by `EpisodicMemoryBlock`; kept
+        beside the session store, so it survives a restart with the session."""
         key = session_id or self.session_id
         if key is None:
             raise ValueError("archiving needs a named session (this LLM's session_id is None)")
         with self._archive_lock:
-            self._archives.setdefault(key, []).extend(messages)
+            archived = self._load_archive(key)
+            archived.extend(message.model_copy(deep=True) for message in messages)
+            _persist.write(self.session(key), ARCHIVE_KEY, [m.model_dump(mode="json") for m in archived])
 
     def archived(self, session_id: str | None = None) -> list[ChatMessage]:
         """The messages archived into a session, oldest first."""
+        key = session_id or self.session_id
+        if key is None:
+            return []
         with self._archive_lock:
-            return list(self._archives.get(session_id or self.session_id or "", []))
+            return list(self._load_archive(key))
+
+    def _load_archive(self, key: str) -> list[ChatMessage]:
+        if key not in self._archives:
+            stored = _persist.read(self.session(key), ARCHIVE_KEY) or []
+            self._archives[key] = [ChatMessage.model_validate(data) for data in stored]
+        return self._archives[key]
 
     def _with_archive(self, session_id: str | None, messages: list[ChatMessage]) -> list[ChatMessage]:
         archived = self.archived(session_id) if session_id else []
@@ -316,22 +350,6 @@ class EMLLM(FunctionCallingLLM):
         options = {key: getattr(self, key) for key in _OPTIONS}
         options.update(overrides)
         return session_id, options
-
-    def _generate(
-        self, session_id: str | None, token_ids: list[int], options: dict, logits_processor: Any = None
-    ) -> Iterator[tuple[str, Usage]]:
-        """Sync the session to the prompt and stream the reply as (text piece, usage so far); the last item
-        is ("", final usage), after the session was saved."""
-        session = self._engine.session(session_id)
-        usage = Usage(prompt_tokens=len(token_ids))
-        usage.cached_tokens = session.sync(token_ids)
-        for piece in session.stream(logits_processor=logits_processor, **options):
-            usage.completion_tokens = len(session.token_ids) - len(token_ids)
-            yield piece, usage
-        usage.completion_tokens = len(session.token_ids) - len(token_ids)
-        if session_id is not None and self.autosave:
-            _persist.save_if_stored(session)
-        yield "", usage
 
 
 def _usage_fields(usage: Usage) -> dict:
