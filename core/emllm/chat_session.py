@@ -261,6 +261,10 @@ class ChatStream:
     def __next__(self) -> str:
         return next(self._iterator)
 
+    def close(self) -> None:
+        """Stop generating now (the session keeps what was generated); releases the session's turn lock."""
+        self._iterator.close()
+
     def _run(self) -> Iterator[str]:
         turn, session = self._turn, self.chat.session
         holdback = _ToolTextHoldback(self.chat.tool_format) if turn.parse_tools else None
