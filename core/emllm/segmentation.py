@@ -50,10 +50,21 @@ def surprise_boundaries(
     never boundaries. Statistics are computed per window in float64, so a flat sequence never yields a
     boundary.
     """
+    threshold, count = surprise_threshold(surprise, history, gamma, window, floor)
+    cur = surprise.detach().to(torch.float64)
+    return (cur > threshold) & (count >= 2) & ~torch.isnan(cur)
+
+
+def surprise_threshold(
+    surprise: torch.Tensor, history: torch.Tensor, gamma: float, window: int, floor: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boundary threshold of each token (N,) float64, and how many known values it was taken over."""
     n = surprise.shape[0]
     device = surprise.device
     if n == 0 or window < 2:
-        return torch.zeros(n, dtype=torch.bool, device=device)
+        return torch.full((n,), float("inf"), dtype=torch.float64, device=device), torch.zeros(
+            n, dtype=torch.long, device=device
+        )
     cur = surprise.detach().to(torch.float64)  # (N,)
     full = torch.cat([history.detach().to(device=device, dtype=torch.float64), cur])  # (H+N,)
     known = ~torch.isnan(full)  # (H+N,)
@@ -67,8 +78,7 @@ def surprise_boundaries(
     denom = count.clamp(min=1).to(torch.float64)
     mu = (win * mask).sum(1) / denom  # (N,)
     sigma = ((((win - mu[:, None]) * mask) ** 2).sum(1) / denom).sqrt()  # (N,)
-    threshold = torch.clamp(mu + gamma * sigma, min=floor)  # (N,)
-    return (cur > threshold) & (count >= 2) & ~torch.isnan(cur)
+    return torch.clamp(mu + gamma * sigma, min=floor), count
 
 
 def events_from_boundaries(is_boundary: torch.Tensor, min_size: int, max_size: int) -> list[tuple[int, int]]:
