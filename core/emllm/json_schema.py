@@ -29,7 +29,7 @@ import torch
 from .errors import EMLLMError
 
 NEAR_END_CHARS = 64  # this close to the budget's end, every candidate token is checked to still fit
-MAX_NUMBER_DIGITS = 15  # digits in an integer part / fraction: keeps random models from looping on digits
+MAX_NUMBER_DIGITS = 15  # significant digits of a number: exact round trip, and no endless digit loops
 _PLAIN_STRING_FORBIDDEN = {'"', "\\"} | {chr(i) for i in range(0x20)}
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _HEX = set("0123456789abcdefABCDEF")
@@ -407,23 +407,26 @@ def _number_grow(node: Node, text: str, char: str) -> str | None:
 
 
 def _number_prefix_ok(text: str, integer: bool) -> bool:
+    """A prefix of a number as json.dumps writes it: no exponent, at most 15 significant digits."""
     match = (_INTEGER_PREFIX if integer else _NUMBER_PREFIX).match(text)
     if match is None:
         return False
-    groups = match.groupdict()
-    whole, fraction, exponent = (groups.get(g) or "" for g in ("whole", "fraction", "exponent"))
-    return len(whole) <= MAX_NUMBER_DIGITS and len(fraction) <= MAX_NUMBER_DIGITS and len(exponent) <= 3
+    whole, fraction = match.group("whole") or "", match.groupdict().get("fraction") or ""
+    if whole == "0" and fraction.startswith("0000"):
+        return False  # json.dumps writes magnitudes below 1e-4 with an exponent
+    if integer and text == "-0":
+        return False
+    digits = len(whole) + len(fraction)
+    return digits < MAX_NUMBER_DIGITS or (digits == MAX_NUMBER_DIGITS and not fraction.endswith("0"))
 
 
 _INTEGER_PREFIX = re.compile(r"-?(?P<whole>0|[1-9]\d*)?\Z")
-_NUMBER_PREFIX = re.compile(
-    r"-?(?:(?P<whole>0|[1-9]\d*)(?:\.(?P<fraction>\d+)|\.\Z)?(?:[eE][+-]?(?P<exponent>\d*))?)?\Z"
-)
+_NUMBER_PREFIX = re.compile(r"-?(?:(?P<whole>0|[1-9]\d*)(?:\.(?P<fraction>\d*))?)?\Z")
 
 
 def _number_can_end(node: Node, text: str) -> bool:
-    if not text or text == "-" or text[-1] in ".eE+-":
-        return False
+    if not text or text in ("-", "-0") or text[-1] == "." or ("." in text and text[-1] == "0"):
+        return False  # "-0" and "1.50" are not how json.dumps writes numbers
     if node.kind == "integer":
         value = int(text)
         return (node.low is None or value >= node.low) and (node.high is None or value <= node.high)
@@ -442,10 +445,8 @@ def _int_completion(node: Node, text: str) -> str | None:
     negative = text.startswith("-")
     digits = text[1:] if negative else text
     if not digits:
-        candidates = [v for v in (0, low, high) if low <= v <= high and (v < 0) == negative]
-        if negative and not candidates and high < 0:
-            candidates = [high]
-        return str(abs(candidates[0])) if candidates else None
+        value = min(high, -1) if negative else max(low, 0)
+        return str(abs(value)) if low <= value <= high else None
     if digits == "0":
         return "" if low <= 0 <= high and not negative else None
     value = int(digits)
@@ -466,9 +467,9 @@ def _number_shortest(node: Node, text: str) -> str:
         return _int_completion(node, text) or ""
     if not text:
         return "0"
-    if text == "-" or text[-1] in ".eE+-":
-        return "0"
-    return ""
+    if text == "-0":
+        return ".1"
+    return "1"  # after "-", after ".", or after a fraction's trailing zero
 
 
 # -- shortest completions -----------------------------------------------------------------------------
