@@ -29,7 +29,10 @@ def register_engine(engine: emllm.EMLLM, name: str | None = None) -> str:
 def get_engine(model: str, config: emllm.EMLLMConfig | None = None, store: Any = None) -> emllm.EMLLM:
     """The shared engine for `model` (a registered name, a HF id or path, or the bundled default)."""
     with _LOCK:
-        if model in _NAMED and config is None and store is None:
+        if model in _NAMED:
+            if config is not None or store is not None:
+                msg = f"engine {model!r} was registered ready-made: give its config and store when building it"
+                raise ValueError(msg)
             return _NAMED[model]
         key = (model, config.model_dump_json() if config is not None else None, _store_key(store))
         engine = _ENGINES.get(key)

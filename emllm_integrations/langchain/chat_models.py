@@ -358,7 +358,7 @@ class ChatEMLLM(BaseChatModel):
             )
         elif method in ("json_schema", "json_mode"):
             # json_mode decodes under the schema too: it is known here, so the output always fits it
-            response_format = {"type": "json_schema", "schema": convert_to_json_schema(schema)}
+            response_format = {"type": "json_schema", "schema": _json_schema(schema)}
             llm = self.bind(response_format=response_format, ls_structured_output_format=traced)
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()  # type: ignore[arg-type]
         else:
@@ -375,6 +375,13 @@ class _Turn:
 
     def __init__(self, stream: ChatStream, session: emllm.Session, model: str, persistent: bool):
         self.stream, self.session, self.model, self.persistent = stream, session, model, persistent
+
+
+def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
+    """A JSON schema from a pydantic class, TypedDict, OpenAI tool dict or JSON schema (titled or not)."""
+    if isinstance(schema, dict) and "title" not in schema and "function" not in schema and "name" not in schema:
+        return schema  # a plain JSON schema: langchain's converter wants a title it does not need here
+    return convert_to_json_schema(schema)
 
 
 def _response_schema(response_format: Any) -> dict[str, Any] | bool | None:
