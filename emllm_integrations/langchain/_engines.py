@@ -31,7 +31,7 @@ def get_engine(model: str, config: emllm.EMLLMConfig | None = None, store: Any =
     with _LOCK:
         if model in _NAMED:
             if config is not None or store is not None:
-                msg = f"engine {model!r} was registered ready-made: give its config and store when building it"
+                msg = f"engine {model!r} was registered ready-made: give it its config and store when built"
                 raise ValueError(msg)
             return _NAMED[model]
         key = (model, config.model_dump_json() if config is not None else None, _store_key(store))

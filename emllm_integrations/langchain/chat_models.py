@@ -379,7 +379,7 @@ class _Turn:
 
 def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
     """A JSON schema from a pydantic class, TypedDict, OpenAI tool dict or JSON schema (titled or not)."""
-    if isinstance(schema, dict) and "title" not in schema and "function" not in schema and "name" not in schema:
+    if isinstance(schema, dict) and not {"title", "function", "name"} & set(schema):
         return schema  # a plain JSON schema: langchain's converter wants a title it does not need here
     return convert_to_json_schema(schema)
 
