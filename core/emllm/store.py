@@ -85,7 +85,7 @@ class SessionStore:
         for name, value in (("max_ram_bytes", max_ram_bytes), ("max_disk_bytes", max_disk_bytes)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        self.root = Path(path) if path is not None else emllm_home() / "sessions"
+        self.root = Path(path).expanduser() if path is not None else emllm_home() / "sessions"
         self.max_ram_bytes = max_ram_bytes
         self.max_disk_bytes = max_disk_bytes
         self.lock_timeout = lock_timeout
