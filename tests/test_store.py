@@ -404,3 +404,15 @@ def test_kill_during_saves_always_leaves_the_last_committed_state(model, tmp_pat
         f"flight {outcomes['in-flight']} times, never anything else"
     )
     assert sum(outcomes.values()) >= KILLS - 1, outcomes
+
+
+def test_fingerprint_samples_large_tensors_inside_their_bounds() -> None:
+    """A float32 linspace over 49152 x 576 elements rounds its last index past the end (a real bug with
+    SmolLM2's embedding); the sample must stay inside every tensor and still see a change anywhere."""
+    from emllm.fingerprint import model_fingerprint
+
+    big = torch.nn.Embedding(49152, 576)
+    before = model_fingerprint(big, ByteTokenizer(), torch.float32)
+    with torch.no_grad():
+        big.weight[-1, -1] += 1.0  # the very last element is always sampled
+    assert model_fingerprint(big, ByteTokenizer(), torch.float32) != before

@@ -43,7 +43,8 @@ def model_fingerprint(model: torch.nn.Module, tokenizer, dtype: torch.dtype) -> 
             digest.update(f"{name}:{tuple(tensor.shape)}".encode())
             flat = tensor.detach().reshape(-1)
             if flat.numel() > SAMPLE:
-                index = torch.linspace(0, flat.numel() - 1, SAMPLE, device=flat.device).long()
+                # integer steps: a float32 linspace rounds the last index up past the end on large tensors
+                index = torch.arange(SAMPLE, device=flat.device) * (flat.numel() - 1) // (SAMPLE - 1)
                 flat = flat[index]
             digest.update(flat.float().cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
