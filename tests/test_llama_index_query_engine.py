@@ -95,6 +95,16 @@ def test_streaming_answer_matches_the_plain_one(make_smol_engine, docs):
     assert [n.node.node_id for n in streamed.source_nodes] == [n.node.node_id for n in plain.source_nodes]
 
 
+def test_an_answer_prefix_is_written_for_the_model_and_returned(llm, docs):
+    engine = EpisodicQueryEngine.from_documents(docs, llm=llm, show_progress=False)
+    plain = engine.query("Who is Mr. Bingley?")
+    engine.answer_prefix = " Mr. Bingley is"
+    prefixed = engine.query("Who is Mr. Bingley?")
+    assert prefixed.response.startswith(" Mr. Bingley is") and prefixed.response != plain.response
+    engine.streaming = True
+    assert next(iter(engine.query("Who is Mr. Bingley?").response_gen)) == " Mr. Bingley is"
+
+
 async def test_async_query_and_async_streaming(llm, docs):
     engine = EpisodicQueryEngine.from_documents(docs, llm=llm, show_progress=False)
     response = await engine.aquery("Who is Mr. Bingley?")

@@ -11,6 +11,7 @@ schema.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -126,7 +127,7 @@ class EMLLM(FunctionCallingLLM):
         engine: emllm.EMLLM | None = None,
         *,
         config: emllm.EMLLMConfig | None = None,
-        store: Any = None,
+        store: emllm.SessionStore | str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         if engine is not None:
@@ -135,8 +136,7 @@ class EMLLM(FunctionCallingLLM):
             kwargs.setdefault("model_name", engine.name)
         super().__init__(**kwargs)
         if engine is None:
-            extra = {"store": store} if store is not None else {}
-            engine = emllm.EMLLM.from_pretrained(self.model_name, config=config, **extra)
+            engine = emllm.EMLLM.from_pretrained(self.model_name, config=config, store=store)
         self._engine = engine
 
     @classmethod

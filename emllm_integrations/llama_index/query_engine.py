@@ -34,7 +34,7 @@ from .llm import EMLLM
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUESTION_TEMPLATE = "\n\nAnswer from the text above.\nQuestion: {query_str}"
+DEFAULT_QUESTION_TEMPLATE = "\n\n{query_str}"
 DOCUMENT_SEPARATOR = "\n\n"
 PIECE_TOKENS = 2048  # documents are fed in pieces of about this many tokens (one progress-bar step each)
 
@@ -77,6 +77,11 @@ class EpisodicQueryEngine(CustomQueryEngine):
     streaming: bool = Field(default=False, description="Answer with a StreamingResponse.")
     question_template: str = Field(
         default=DEFAULT_QUESTION_TEMPLATE, description="How a question follows the documents ({query_str})."
+    )
+    answer_prefix: str = Field(
+        default="",
+        description="Text the answer starts with, written on the model's behalf (e.g. 'The answer is'); "
+        "returned as the start of the answer.",
     )
     max_new_tokens: int | None = Field(default=None, gt=0, description="Answer length; None: the LLM's.")
 
@@ -148,7 +153,7 @@ class EpisodicQueryEngine(CustomQueryEngine):
         _check_query(query)
         with _query_lock(self._session):
             self._rewind()
-            return self._source_nodes(query)
+            return self._source_nodes(self._prompt(query))
 
     def custom_query(self, query_str: str) -> Response | StreamingResponse:
         nodes = self.retrieve(query_str)
@@ -166,23 +171,30 @@ class EpisodicQueryEngine(CustomQueryEngine):
         answer = iterate_in_thread(lambda: self._answer(query_str))
         return AsyncStreamingResponse(answer, source_nodes=nodes, metadata=self._metadata())
 
+    def _prompt(self, query: str) -> str:
+        """What follows the documents: the question, the end of the user turn, the answer's start."""
+        question = self.question_template.format(query_str=query)
+        return question + self._manifest.question_suffix + self.answer_prefix
+
     def _answer(self, query: str) -> Iterator[str]:
-        question = self.question_template.format(query_str=query) + self._manifest.question_suffix
         options = self.llm.generation_options()
         if self.max_new_tokens is not None:
             options["max_new_tokens"] = self.max_new_tokens
         with _query_lock(self._session):
             self._rewind()
-            yield from self._session.stream(question, **options)
+            if self.answer_prefix:
+                yield self.answer_prefix
+            yield from self._session.stream(self._prompt(query), **options)
 
     def _rewind(self) -> None:
         """Cut the previous question and answer away: the session ends with the documents again."""
         if len(self._session.token_ids) > self._manifest.n_tokens:
             self._session.truncate(self._manifest.n_tokens)
 
-    def _source_nodes(self, query: str) -> list[NodeWithScore]:
+    def _source_nodes(self, prompt: str) -> list[NodeWithScore]:
+        """Events retrieved with the text that follows the documents (what the answer's retrieval sees)."""
         session, manifest = self._session, self._manifest
-        hits = session.retrieve(query, k=self.similarity_top_k)
+        hits = session.retrieve(prompt, k=self.similarity_top_k)
         text = session.text
         docs = manifest.documents
         nodes = hit_nodes(hits, docs, text, self.session_id)
