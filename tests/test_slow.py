@@ -61,3 +61,25 @@ def test_real_text_events_map_back_to_the_text(smollm2):
         assert event.source_id == ("first" if event.token_start < first.tokens else "second")
     hits = session.retrieve("Netherfield Park is let at last", k=5)
     assert len(hits) == 5 and all(h.text == session.text[h.char_start : h.char_end] for h in hits)
+
+
+def test_saved_session_of_the_real_model_continues_exactly(smollm2, tmp_path):
+    """Save and reopen with SmolLM2 itself (its fingerprint, bf16 events, a ~2k-token session with events)."""
+    from emllm import EMLLM, SessionStore
+
+    def engine_with_store():
+        return EMLLM(
+            smollm2.model, smollm2.tokenizer, smollm2.config, name=smollm2.name, store=SessionStore(tmp_path)
+        )
+
+    first = engine_with_store()
+    session = first.session("book")
+    session.feed(demo_text()[:9000], progress=False)
+    session.save()
+    twin = smollm2.session()
+    twin.feed(session.token_ids)
+    first.close()
+    again = engine_with_store().session("book")
+    assert again.token_ids == twin.token_ids and again.stats().events == twin.stats().events
+    question = "\nWho is speaking in this passage?"
+    assert again.generate(question, max_new_tokens=12) == twin.generate(question, max_new_tokens=12)
