@@ -1,0 +1,371 @@
+"""RULER-style synthetic tasks: EM-LLM (S, SM, SC) vs fixed blocks (InfLLM) vs full attention, SmolLM2-135M.
+
+Tasks (benchmarks/ruler_tasks.py): niah_single on repeated noise and on Austen, niah_multikey and
+niah_multivalue on Austen, variable tracking (1 chain, 4 hops) on noise; scored with RULER's
+string_match_all. Every method reads the same samples. Each sample runs in its own subprocess and is
+appended to a JSONL log at once, so an interrupted run resumes where it stopped. Aggregates go to
+<results>/ruler.json, a table in docs/benchmarks.md and a plot in docs/img/ruler.png.
+
+    python benchmarks/ruler.py                                      # the default grid
+    python benchmarks/ruler.py --tasks niah_single:noise vt:noise --lengths 8192 --samples 3
+    python benchmarks/ruler.py --lengths 131072 --methods emllm_S   # the 128k row (EM-LLM S only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
+AUSTEN = ROOT / "benchmarks" / "data" / "austen_pride_and_prejudice.txt"
+SECTION = "## RULER-style synthetic tasks"
+MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to fp32)"
+# Overrides of the smollm2-135m preset (n_init 64, n_local 1024, n_mem 1024, chunk 256); None = full.
+METHODS: dict[str, dict | None] = {
+    "emllm_S": {"refinement": "none"},
+    "emllm_SM": {"refinement": "modularity"},
+    "emllm_SC": {"refinement": "conductance"},
+    "fixed_blocks": {"segmentation": "fixed"},
+    "full": None,
+}
+FULL_ATTENTION_MAX = 16384  # full attention degenerates past the 8k trained context and costs O(n^2)
+ONLY_S_ABOVE = 65536  # DESIGN budget: the 128k rows are EM-LLM (S) only
+
+
+def run_sample(task: str, haystack: str, length: int, index: int, method: str) -> dict:
+    """One sample in this process: build the prompt, read it with `method`, answer, score."""
+    from emllm.models import load_model
+    from ruler_tasks import make_sample
+
+    model, tokenizer = load_model()
+    text = AUSTEN.read_text() if haystack == "austen" else None
+    sample = make_sample(
+        tokenizer, task, haystack, length, seed=sample_seed(task, haystack, length, index), text=text
+    )
+    if method == "full":
+        answer, prefill_s, events = *_answer_full(model, tokenizer, sample), 0
+    else:
+        answer, prefill_s, events = _answer_emllm(model, tokenizer, sample, METHODS[method])
+    return {
+        "answer": answer,
+        "answers": list(sample.answers),
+        "score": sample.score(answer),
+        "depths": list(sample.depths),
+        "prompt_tokens": sample.prompt_tokens,
+        "prefill_tok_s": sample.prompt_tokens / prefill_s,  # context and question, read before answering
+        "events": events,
+    }
+
+
+def sample_seed(task: str, haystack: str, length: int, index: int) -> int:
+    """The same sample for every method (and every run)."""
+    return zlib.crc32(f"{task}:{haystack}:{length}:{index}".encode())
+
+
+def _answer_emllm(model, tokenizer, sample, overrides: dict) -> tuple[str, float, int]:
+    from emllm import EMLLM, EMLLMConfig
+
+    config = EMLLMConfig.preset("smollm2-135m", **overrides)
+    session = EMLLM(model, tokenizer, config, name="smollm2-135m-instruct").session()
+    start = time.perf_counter()
+    session.feed(sample.context, progress=False)
+    prefill_s = time.perf_counter() - start
+    answer = session.generate(sample.question, max_new_tokens=sample.max_new_tokens)
+    return answer, prefill_s, session.stats().events
+
+
+def _answer_full(model, tokenizer, sample) -> tuple[str, float]:
+    """Full attention (sdpa) with transformers' KV cache, greedy, same token ids as the engine reads."""
+    import torch
+
+    model.set_attn_implementation("sdpa")
+    ids = tokenizer.encode(sample.context, add_special_tokens=False)
+    ids += tokenizer.encode(sample.question, add_special_tokens=False)
+    eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
+    out_ids: list[int] = []
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(torch.tensor([ids]), use_cache=True)
+        prefill_s = time.perf_counter() - start
+        for _ in range(sample.max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            if token in eos:
+                break
+            out_ids.append(token)
+            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokenizer.decode(out_ids, skip_special_tokens=True), prefill_s
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+# -- the run ------------------------------------------------------------------------------------------
+def plan(cases: list[tuple[str, str]], lengths: list[int], methods: list[str], samples: int) -> list[tuple]:
+    out = []
+    for task, haystack in cases:
+        for length in lengths:
+            for index in range(samples):
+                for method in methods:
+                    if method == "full" and length > FULL_ATTENTION_MAX:
+                        continue
+                    if length > ONLY_S_ABOVE and method != "emllm_S":
+                        continue
+                    out.append((task, haystack, length, index, method))
+    return out
+
+
+def _key(row: dict) -> tuple:
+    return row["task"], row["haystack"], row["context_tokens"], row["index"], row["method"]
+
+
+def _done(samples_path: Path) -> dict[tuple, dict]:
+    if not samples_path.exists():
+        return {}
+    rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
+    return {_key(r): r for r in rows}
+
+
+def run_plan(todo: list[tuple], samples_path: Path, timeout: int, threads: int | None) -> None:
+    done = _done(samples_path)
+    for spec in todo:
+        if spec in done:
+            continue
+        task, haystack, length, index, method = spec
+        print(f"[ruler] {task:16s} {haystack:6s} {length:>6} #{index} {method:12s} ...", end=" ", flush=True)
+        row = _run_subprocess(spec, timeout, threads)
+        if row is None:
+            continue
+        keys = dict(task=task, haystack=haystack, context_tokens=length, index=index, method=method)
+        with samples_path.open("a") as f:
+            f.write(json.dumps(keys | row) + "\n")
+
+
+def _run_subprocess(spec: tuple, timeout: int, threads: int | None) -> dict | None:
+    command = [sys.executable, __file__, "--sample", json.dumps(list(spec))]
+    if threads:
+        command += ["--threads", str(threads)]
+    try:
+        proc = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        print("timed out")
+        return {"error": f"timeout after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        print("failed\n" + proc.stderr[-2000:])
+        return None
+    row = json.loads(lines[-1][len("RESULT ") :])
+    print(f"score {row['score']:.2f} {row['answer'][:60]!r} prefill {row['prefill_tok_s']:.0f} tok/s")
+    return row
+
+
+def _sample_main(spec: str, threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    row = run_sample(*json.loads(spec))
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+# -- results ------------------------------------------------------------------------------------------
+def summarise(samples_path: Path, command: str, threads: int | None) -> dict:
+    groups: dict[tuple, list[dict]] = {}
+    for row in _done(samples_path).values():
+        if "error" not in row:
+            key = (row["task"], row["haystack"], row["method"], row["context_tokens"])
+            groups.setdefault(key, []).append(row)
+    order = list(METHODS)
+    rows = [
+        {
+            "task": task,
+            "method": method,
+            "haystack": haystack,
+            "context_tokens": length,
+            "n": len(rows),
+            "score": round(statistics.fmean(r["score"] for r in rows), 3),
+            "prefill_tok_s": round(statistics.fmean(r["prefill_tok_s"] for r in rows), 1),
+        }
+        for (task, haystack, method, length), rows in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], order.index(kv[0][2]))
+        )
+    ]
+    return {
+        "benchmark": "ruler",
+        "model": MODEL,
+        "machine": _machine(threads),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "config": "preset smollm2-135m (n_init 64, n_local 1024, n_mem 1024, chunk 256); emllm_S = surprise, "
+        "no refinement; emllm_SM / emllm_SC = surprise + modularity / conductance refinement; fixed_blocks = "
+        "segmentation='fixed', 64-token blocks, same budget",
+        "rows": rows,
+    }
+
+
+def _machine(threads: int | None) -> str:
+    cores = len(os.sched_getaffinity(0))
+    return f"{platform.machine()}, {cores} CPU cores, torch threads: {threads or cores}, torch CPU, fp32"
+
+
+def write_doc(summary: dict, doc: Path, plot: Path | None) -> None:
+    methods = [m for m in METHODS if any(r["method"] == m for r in summary["rows"])]
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in summary["rows"]:
+        cells.setdefault((r["task"], r["haystack"], r["context_tokens"]), {})[r["method"]] = r
+    lines = [
+        SECTION,
+        "",
+        f"`{summary['command']}` — {summary['machine']}, {summary['date']}. Model: {summary['model']}.",
+        f"Config: {summary['config']}. Full attention = transformers sdpa with its KV cache, up to "
+        f"{FULL_ATTENTION_MAX:,} tokens.",
+        "Tasks follow NVIDIA RULER (templates, needles, 40-point depth grid, string_match_all):",
+        "niah_single on repeated noise (RULER niah_single_1) and on Austen (niah_single_2, whose essay",
+        "haystack becomes Pride and Prejudice), niah_multikey (4 keys, 1 asked) and niah_multivalue",
+        "(4 values) on Austen, vt (1 chain of 4 hops, one-shot example) on noise. Prompts go through",
+        "the chat template, RULER's answer prefix opening the assistant turn. Score = mean share of the",
+        "expected values found in the answer (0-1); `n` samples per cell, the same samples for every method.",
+        "",
+        "| task | haystack | context | " + " | ".join(methods) + " |",
+        "|---|---|---:|" + "---:|" * len(methods),
+    ]
+    for (task, haystack, length), by_method in cells.items():
+        row = [
+            f"{by_method[m]['score']:.2f} (n={by_method[m]['n']})" if m in by_method else "-" for m in methods
+        ]
+        lines.append(f"| {task} | {haystack} | {length:,} | " + " | ".join(row) + " |")
+    if plot is not None:
+        lines += ["", f"![RULER scores by context length]({os.path.relpath(plot, doc.parent)})"]
+    replace_section(doc, SECTION, "\n".join(lines) + "\n")
+
+
+def replace_section(doc: Path, heading: str, section: str) -> None:
+    """Put `section` in place of the `heading` section of doc (appended if absent); others untouched."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
+    start = text.find(heading + "\n")
+    if start == -1:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
+    doc.write_text(text)
+
+
+def write_plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r["task"], r["haystack"]) for r in summary["rows"]})
+    cols = min(3, len(cases))
+    rows = -(-len(cases) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(cases) :]:
+        ax.set_visible(False)
+    for ax, (task, haystack) in zip(axes.flat, cases, strict=False):
+        for method in METHODS:
+            points = sorted(
+                (r["context_tokens"], r["score"])
+                for r in summary["rows"]
+                if (r["task"], r["haystack"], r["method"]) == (task, haystack, method)
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{task} ({haystack})", fontsize=9)
+        ax.set_xlabel("context tokens")
+        ax.set_ylim(-0.05, 1.05)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("string_match_all")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parse_cases(items: list[str] | None) -> list[tuple[str, str]]:
+    from ruler_tasks import TASKS
+
+    if not items:
+        return [(task, haystack) for task, spec in TASKS.items() for haystack in spec.haystacks]
+    cases = []
+    for item in items:
+        task, _, haystack = item.partition(":")
+        if task not in TASKS:
+            raise SystemExit(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        cases.append((task, haystack or TASKS[task].haystacks[0]))
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tasks", nargs="+", help="task[:haystack] items; default: every task, RULER haystacks"
+    )
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--samples", type=int, default=1, help="samples per (task, haystack, length)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per sample")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="where results go; anything but the default also receives the docs section and "
+        "plot (for trial runs that must not touch docs/)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per sample (default: torch's own); 1 is far faster on a busy machine, where "
+        "OpenMP threads spin-wait for each other",
+    )
+    parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--sample", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.sample:
+        _sample_main(args.sample, args.threads)
+        return
+    out = args.results_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    samples_path = out / "ruler.samples.jsonl"
+    if not args.summarise_only:
+        run_plan(
+            plan(_parse_cases(args.tasks), args.lengths, args.methods, args.samples),
+            samples_path,
+            args.timeout,
+            args.threads,
+        )
+    command = "python benchmarks/ruler.py " + " ".join(a for a in sys.argv[1:] if a != "--summarise-only")
+    summary = summarise(samples_path, command.strip(), args.threads)
+    (out / "ruler.json").write_text(json.dumps(summary, indent=2) + "\n")
+    official = out == DEFAULT_RESULTS.resolve()
+    doc = ROOT / "docs" / "benchmarks.md" if official else out / "benchmarks.md"
+    plot = (ROOT / "docs" / "img" if official else out / "img") / "ruler.png"
+    if summary["rows"]:
+        write_plot(summary, plot)
+    write_doc(summary, doc, plot if summary["rows"] else None)
+    print(json.dumps(summary["rows"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
