@@ -1,4 +1,4 @@
-"""Segmentation quality (EM-LLM paper, section 4.2): S, SM, SC vs fixed and random boundaries on real text.
+"""Segmentation quality (the EM-LLM paper's own analysis): S, SM, SC vs fixed and random boundaries.
 
 For each stretch of Pride and Prejudice the engine reads the text once per method; the events it forms
 are scored on one shared key-similarity graph (the raw keys that the S run stored, summed K K^T over the
