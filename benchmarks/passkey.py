@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import random
 import resource
 import statistics
@@ -21,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from report import machine, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -199,19 +200,13 @@ def summarise(command: str) -> dict:
     return {
         "benchmark": "passkey",
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to fp32)",
-        "machine": f"{platform.machine()}, {_cpus()} CPU cores, torch CPU, fp32",
+        "machine": machine(),
         "date": datetime.date.today().isoformat(),
         "command": command,
         "config": "emllm: preset smollm2-135m (n_init 64, n_local 1024, n_mem 1024, chunk 256); "
         "fixed_blocks: same with segmentation='fixed', block_size 64",
         "rows": rows,
     }
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 def write_doc(summary: dict) -> None:
@@ -235,19 +230,7 @@ def write_doc(summary: dict) -> None:
             f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r['peak_rss_mb']} | "
             f"{r['memory_device_mb'] or '-'} |"
         )
-    section = "\n".join(lines) + "\n"
-    text = (
-        DOC.read_text()
-        if DOC.exists()
-        else "# Benchmarks\n\nEvery table is written by the script named in it.\n\n"
-    )
-    start = text.find("## Passkey retrieval")
-    if start == -1:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
-    DOC.write_text(text)
+    replace_section(DOC, "## Passkey retrieval", "\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ import sys
 import time
 import zlib
 from pathlib import Path
+
+from report import machine, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
@@ -219,7 +220,7 @@ def summarise(samples_path: Path, commands: list[str], threads: int | None) -> d
     return {
         "benchmark": "ruler",
         "model": MODEL,
-        "machine": _machine(threads),
+        "machine": machine(threads),
         "date": datetime.date.today().isoformat(),
         "commands": commands,
         "config": "preset smollm2-135m (n_init 64, n_local 1024, n_mem 1024, chunk 256); emllm_S = surprise, "
@@ -235,11 +236,6 @@ def _commands(summary_path: Path, command: str, record: bool) -> list[str]:
     if record and command not in previous:
         return [*previous, command]
     return previous or [command]
-
-
-def _machine(threads: int | None) -> str:
-    cores = len(os.sched_getaffinity(0))
-    return f"{platform.machine()}, {cores} CPU cores, torch threads: {threads or cores}, torch CPU, fp32"
 
 
 def write_doc(summary: dict, doc: Path, plot: Path | None) -> None:
@@ -272,18 +268,6 @@ def write_doc(summary: dict, doc: Path, plot: Path | None) -> None:
     if plot is not None:
         lines += ["", f"![RULER scores by context length]({os.path.relpath(plot, doc.parent)})"]
     replace_section(doc, SECTION, "\n".join(lines) + "\n")
-
-
-def replace_section(doc: Path, heading: str, section: str) -> None:
-    """Put `section` in place of the `heading` section of doc (appended if absent); others untouched."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    start = text.find(heading + "\n")
-    if start == -1:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
-    doc.write_text(text)
 
 
 def write_plot(summary: dict, path: Path) -> None:

@@ -25,7 +25,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import resource
 import statistics
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import machine, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
@@ -270,12 +270,10 @@ def summarise(samples_path: Path, command: str, threads: int | None, setting: tu
             row[field] = round(statistics.fmean(values), 6)
             row[field + "_std"] = round(statistics.pstdev(values), 6)
         rows.append(row)
-    cores = len(os.sched_getaffinity(0))
-    machine = f"{platform.machine()}, {cores} CPU cores, torch threads: {threads or cores}, torch CPU, fp32"
     return {
         "benchmark": "segmentation",
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to fp32)",
-        "machine": machine,
+        "machine": machine(threads),
         "date": datetime.date.today().isoformat(),
         "command": command,
         "text": "Pride and Prejudice (raw text), stretches starting at evenly spaced offsets",
@@ -319,18 +317,6 @@ def write_doc(summary: dict, doc: Path, plot: Path | None) -> None:
 
 def _pm(row: dict, field: str, digits: int = 4) -> str:
     return f"{row[field]:.{digits}f} ± {row[field + '_std']:.{digits}f}"
-
-
-def replace_section(doc: Path, heading: str, section: str) -> None:
-    """Put `section` in place of the `heading` section of doc (appended if absent); others untouched."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    start = text.find(heading + "\n")
-    if start == -1:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
-    doc.write_text(text)
 
 
 def write_plot(summary: dict, path: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import resource
 import shutil
 import statistics
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from report import machine, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "store.json"
@@ -193,15 +194,7 @@ def write_doc(summary: dict) -> None:
             f"| {r['disk_bytes_per_token']:,.0f} | {r['save_s_per_1k']:.3f} | {r['ingest_tok_s']:,.0f} "
             f"| {r['open_s']:.2f} | {r['retrieval_ms_ram']:.1f} | {r['retrieval_ms_disk']:.1f} |"
         )
-    section = "\n".join(lines) + "\n"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = text.find("## Session store")
-    if start != -1:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    DOC.write_text(text)
+    replace_section(DOC, "## Session store (`benchmarks/store.py`)", "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -230,7 +223,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     summary = {
         "benchmark": "store",
-        "machine": f"{platform.machine()}, 2 cores, Python {platform.python_version()}",
+        "machine": machine(threads=2),
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/store.py " + " ".join(sys.argv[1:]),
         "rows": rows,
