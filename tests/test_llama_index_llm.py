@@ -58,6 +58,12 @@ def _usage(response):
 
 
 # -- metadata and options ---------------------------------------------------------------------------
+def test_public_api():
+    import emllm_integrations.llama_index as module
+
+    assert module.__all__ == ["EMLLM", "EpisodicMemoryBlock", "EpisodicQueryEngine"]
+
+
 def test_metadata_reports_the_episodic_context(llm):
     meta = llm.metadata
     assert isinstance(llm, FunctionCallingLLM) and EMLLM.class_name() == "EMLLM"

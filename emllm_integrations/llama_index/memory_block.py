@@ -111,12 +111,14 @@ class EpisodicMemoryBlock(BaseMemoryBlock[str]):
 
     # -- reading and recalling --------------------------------------------------------------------
     def _read(self, messages: list[ChatMessage], memory_session_id: str | None) -> None:
-        session = self.session(memory_session_id)
-        for message in messages:
-            text, role = message_text(message), message.role.value
-            if text:
-                session.feed(f"{role}: {text}\n\n", source_id=role, progress=False)
-        _persist.save_if_stored(session)
+        """Feed a flush of messages as one transcript (one pass, full chunks), then save the session."""
+        transcript = "".join(
+            f"{message.role.value}: {text}\n\n" for message in messages if (text := message_text(message))
+        )
+        if transcript:
+            session = self.session(memory_session_id)
+            session.feed(transcript, source_id=memory_session_id, progress=False)
+            _persist.save_if_stored(session)
 
     def _recall(self, query: str, memory_session_id: str | None) -> str:
         """The most relevant events in time order, neighbours merged, then the recent text; as one string."""
