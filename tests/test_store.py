@@ -135,8 +135,7 @@ def test_ram_budget_serves_events_from_disk_with_the_same_results(model, tmp_pat
         session.feed(text[start : start + 200])
         plain.feed(text[start : start + 200])
         peak = max(peak, session.stats().cpu_bytes)
-    per_chunk = 2 * sum(layer.events_k[0].numel() * 2 for layer in session.layers) * 16  # generous margin
-    assert peak <= budget + per_chunk
+    assert peak <= budget  # events in RAM stay within the budget (saves start at half of it)
     assert session.stats().disk_bytes > 0
     assert session.generate(max_new_tokens=10) == plain.generate(max_new_tokens=10)
 

@@ -473,7 +473,8 @@ class Session:
         store = self.engine.store
         if store is None or self._saved is None or store.max_ram_bytes is None:
             return
-        if sum(layer.cpu_bytes() for layer in self.layers) > store.max_ram_bytes:
+        # half the budget: a save briefly holds a second copy of the events it writes
+        if sum(layer.cpu_bytes() for layer in self.layers) > store.max_ram_bytes // 2:
             store.save(self)
 
     def stats(self) -> SessionStats:

@@ -68,8 +68,9 @@ class StoredSession:
 class SessionStore:
     """A folder of saved sessions. Attach it to an engine: `EMLLM.from_pretrained(..., store=store)`.
 
-    max_ram_bytes: when set, a session whose events in RAM exceed it saves them and serves them from the
-        memory-mapped disk tier from then on (resident memory stays bounded while the session grows).
+    max_ram_bytes: when set, a session saves its events whenever those in RAM pass half of it (a save
+        briefly holds a second copy of what it writes) and serves them from the memory-mapped disk tier
+        from then on: resident memory for events stays within the budget while the session grows.
     max_disk_bytes: a save that would take the store past this is refused with DiskBudgetError.
     lock_timeout: seconds to wait for a session another process holds open (0 = fail at once).
     """

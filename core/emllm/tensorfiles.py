@@ -1,6 +1,6 @@
 """Safetensors files written durably and read back memory-mapped, with per-tensor CRC32 checksums.
 
-Writing goes through `safetensors.torch.save` (the standard format, readable by any tool). Reading parses
+Writing goes through `safetensors.torch.save_file` (the standard format, readable by any tool). Reading parses
 the header ourselves and maps each tensor with numpy, so opening a file reads nothing but its header and a
 tensor's pages are read only when touched. Checksums are kept by the caller (in the store's index) and
 checked per tensor on first use, so a large file opens fast and a corrupted one is never used silently.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 
 from .errors import CorruptSessionError
 
@@ -43,11 +43,11 @@ def tensor_crc(tensor: torch.Tensor) -> int:
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, int]:
     """Write a safetensors file and fsync it; returns the CRC32 of each tensor. The caller publishes the
     file (in its index) only after this returns, so a crash leaves at most an unreferenced file."""
+    if path.exists():
+        raise FileExistsError(f"{path} exists; tensor files are never overwritten")
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    payload = safetensors_bytes(contiguous, metadata=metadata)
-    with open(path, "xb") as handle:
-        handle.write(payload)
-        handle.flush()
+    save_file(contiguous, path, metadata=metadata)  # streams tensor by tensor: no second copy in memory
+    with open(path, "rb") as handle:
         os.fsync(handle.fileno())
     return {name: tensor_crc(t) for name, t in contiguous.items()}
 
