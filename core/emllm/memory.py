@@ -319,7 +319,7 @@ class LayerMemory:
         return self.events_k.ram_bytes() + self.events_v.ram_bytes()
 
     def disk_bytes(self) -> int:
-        """The events served memory-mapped from saved segments (disk tier)."""
+        """The events served from saved segment files (disk tier)."""
         return self.events_k.disk_bytes() + self.events_v.disk_bytes()
 
 

@@ -458,7 +458,7 @@ class Session:
     def save(self) -> None:
         """Write this session to the engine's SessionStore: only what changed since the last save, atomically.
 
-        Saved events are served memory-mapped from disk afterwards (their RAM copies are dropped).
+        Saved events are read from disk when retrieved afterwards (their RAM copies are dropped).
         """
         store = self.engine.store
         if store is None or self._saved is None:

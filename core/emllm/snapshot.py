@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .tensorfiles import MappedTensors
+from .tensorfiles import TensorFile
 from .tiers import DiskRun
 
 if TYPE_CHECKING:
@@ -158,10 +158,10 @@ def state_payload(
 
 
 def restore(
-    session: Session, segments: list[tuple[SegmentRecord, MappedTensors]], state: MappedTensors
+    session: Session, segments: list[tuple[SegmentRecord, TensorFile]], state: TensorFile
 ) -> None:
     """Rebuild a freshly reset session from its saved segments and state. Segment keys and values stay
-    memory-mapped; token records and representatives are read now."""
+    on disk (read when retrieved); token records and representatives are read now."""
     meta = json.loads(state.metadata["emllm"])
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"unknown session format {meta.get('format')!r}")
@@ -189,11 +189,12 @@ def restore(
         _restore_layer(layer, i, segments, state, meta["query_counts"][i])
 
 
-def serve_from_disk(session: Session, segments: list[tuple[SegmentRecord, MappedTensors]]) -> None:
+def serve_from_disk(session: Session, segments: list[tuple[SegmentRecord, TensorFile]]) -> None:
     """Every layer reads the events these segments hold from disk (dropping RAM copies of them)."""
     offsets = []
     for _, mapped in segments:
-        sizes = (mapped.get("events")[:, 1] - mapped.get("events")[:, 0]).tolist()
+        spans = mapped.get("events")
+        sizes = (spans[:, 1] - spans[:, 0]).tolist()
         offsets.append([0, *itertools.accumulate(sizes)])
     for i, layer in enumerate(session.layers):
         for events, name in ((layer.events_k, f"k.{i}"), (layer.events_v, f"v.{i}")):
@@ -204,7 +205,7 @@ def serve_from_disk(session: Session, segments: list[tuple[SegmentRecord, Mapped
             events.set_disk(runs)
 
 
-def _restore_layer(layer, i: int, segments, state: MappedTensors, query_count: int) -> None:
+def _restore_layer(layer, i: int, segments, state: TensorFile, query_count: int) -> None:
     device, dtype = layer.device, layer.dtype
     layer.init_k = state.get(f"init_k.{i}").to(device, dtype)
     layer.init_v = state.get(f"init_v.{i}").to(device, dtype)

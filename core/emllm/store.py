@@ -1,4 +1,4 @@
-"""SessionStore: sessions on disk, saved incrementally and atomically, reopened memory-mapped.
+"""SessionStore: sessions on disk, saved incrementally and atomically, reopened without reading events whole.
 
 Layout of a store folder:
     index.sqlite                 one row per session (model fingerprint, counts, bytes, current state file)
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from .errors import CorruptSessionError, DiskBudgetError, ModelMismatchError, SessionLockedError, StoreError
 from .models import emllm_home
 from .snapshot import SavedState, SegmentRecord, restore, segment_payload, serve_from_disk, state_payload
-from .tensorfiles import MappedTensors, fsync_dir, write_tensors
+from .tensorfiles import TensorFile, fsync_dir, write_tensors
 
 if TYPE_CHECKING:
     from .session import Session
@@ -69,7 +69,7 @@ class SessionStore:
     """A folder of saved sessions. Attach it to an engine: `EMLLM.from_pretrained(..., store=store)`.
 
     max_ram_bytes: when set, a session saves its events whenever those in RAM pass half of it (a save
-        briefly holds a second copy of what it writes) and serves them from the memory-mapped disk tier
+        briefly holds a second copy of what it writes) and serves them from the disk tier
         from then on: resident memory for events stays within the budget while the session grows.
     max_disk_bytes: a save that would take the store past this is refused with DiskBudgetError.
     lock_timeout: seconds to wait for a session another process holds open (0 = fail at once).
@@ -159,7 +159,7 @@ class SessionStore:
         folder = self._folder(session_id)
         files = [self._map(folder, r) for r in self._segment_records(session_id)]
         files.append(
-            MappedTensors(
+            TensorFile(
                 folder / row["state_file"],
                 json.loads(row["state_checksums"]),
                 expected_bytes=row["state_bytes"],
@@ -235,7 +235,7 @@ class SessionStore:
         records = self._segment_records(session.id)
         try:
             segments = [(r, self._map(folder, r)) for r in records]
-            state = MappedTensors(
+            state = TensorFile(
                 folder / row["state_file"],
                 json.loads(row["state_checksums"]),
                 expected_bytes=row["state_bytes"],
@@ -370,8 +370,8 @@ class SessionStore:
             )
 
     @staticmethod
-    def _map(folder: Path, record: SegmentRecord) -> MappedTensors:
-        return MappedTensors(folder / record.file, record.checksums, expected_bytes=record.nbytes)
+    def _map(folder: Path, record: SegmentRecord) -> TensorFile:
+        return TensorFile(folder / record.file, record.checksums, expected_bytes=record.nbytes)
 
     # -- index and folders ------------------------------------------------------------------------
     def _folder(self, session_id: str) -> Path:

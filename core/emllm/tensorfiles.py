@@ -1,9 +1,9 @@
-"""Safetensors files written durably and read back memory-mapped, with per-tensor CRC32 checksums.
+"""Safetensors files written durably and read back piece by piece, with per-tensor CRC32 checksums.
 
-Writing goes through `safetensors.torch.save_file` (the standard format, readable by any tool). Reading parses
-the header ourselves and maps each tensor with numpy, so opening a file reads nothing but its header and a
-tensor's pages are read only when touched. Checksums are kept by the caller (in the store's index) and
-checked per tensor on first use, so a large file opens fast and a corrupted one is never used silently.
+Writing goes through `safetensors.torch.save_file` (the standard format, readable by any tool). Reading
+parses the header ourselves, so opening a file reads nothing but its header, and an event's rows are read
+only when retrieval asks for them. Checksums are kept by the caller (in the store's index) and checked per
+tensor on first use, so a large file opens fast and a corrupted one is never used silently.
 Knows nothing about sessions.
 """
 
@@ -61,10 +61,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class MappedTensors:
-    """The tensors of one safetensors file, memory-mapped on demand and checked against their CRC32 once."""
+class TensorFile:
+    """The tensors of one safetensors file, read on demand with pread and checked against their CRC32.
+
+    Nothing is memory-mapped: a mapping keeps every page it ever touched in the process's resident set,
+    so a session that retrieves across a million tokens would grow its RSS with the file. Reads go
+    through the page cache instead, which the kernel can reclaim.
+    """
 
     def __init__(self, path: Path, checksums: dict[str, int], expected_bytes: int | None = None):
+        self._fd: int | None = None
         self.path = Path(path)
         self.checksums = checksums
         try:
@@ -77,7 +83,11 @@ class MappedTensors:
             )
         self._header, self._data_start = _read_header(self.path, size)
         self.metadata: dict[str, str] = self._header.pop("__metadata__", None) or {}
-        self._cache: dict[str, torch.Tensor] = {}
+        self._verified: set[str] = set()
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
 
     def names(self) -> list[str]:
         return list(self._header)
@@ -86,35 +96,75 @@ class MappedTensors:
         return name in self._header
 
     def nbytes(self, name: str) -> int:
-        """Bytes of one tensor, from the header (maps nothing)."""
-        begin, end = self._header[name]["data_offsets"]
+        """Bytes of one tensor, from the header (reads nothing)."""
+        begin, end = self._entry(name)["data_offsets"]
         return end - begin
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor, memory-mapped (copy-on-write: writing to it never changes the file)."""
-        cached = self._cache.get(name)
-        if cached is not None:
-            return cached
+        """The whole tensor, read into memory and checked."""
+        entry = self._entry(name)
+        begin, end = entry["data_offsets"]
+        data = self._read(self._data_start + begin, end - begin)
+        self._check(name, zlib.crc32(data) if data else 0)
+        return _as_tensor(data, entry, tuple(entry["shape"]))
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 2 of a (B, H, T, D) tensor, read alone (the whole tensor is checked
+        once, on its first read)."""
+        entry = self._entry(name)
+        b, h, t, d = entry["shape"]
+        if not 0 <= start <= stop <= t:
+            raise IndexError(f"rows {start}:{stop} outside {t} in {self.path}:{name}")
+        if name not in self._verified:
+            self._verify(name)
+        itemsize = np.dtype(_DTYPES[entry["dtype"]][0]).itemsize
+        row_bytes = d * itemsize
+        base = self._data_start + entry["data_offsets"][0]
+        pieces = [
+            self._read(base + ((bh * t) + start) * row_bytes, (stop - start) * row_bytes)
+            for bh in range(b * h)
+        ]
+        return _as_tensor(b"".join(pieces), entry, (b, h, stop - start, d))
+
+    def _entry(self, name: str) -> dict:
         entry = self._header.get(name)
         if entry is None:
             raise CorruptSessionError(f"{self.path} has no tensor {name!r}")
-        np_dtype, torch_dtype = _DTYPES[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        if end == begin:
-            tensor = torch.empty(shape, dtype=torch_dtype)
-        else:
-            array = np.memmap(
-                self.path, dtype=np_dtype, mode="c", offset=self._data_start + begin, shape=shape
-            )
-            tensor = torch.from_numpy(array)
-            if torch_dtype != tensor.dtype:
-                tensor = tensor.view(torch_dtype)
+        return entry
+
+    def _read(self, offset: int, length: int) -> bytes:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorruptSessionError(f"{self.path} is missing") from None
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise CorruptSessionError(f"{self.path}: short read at {offset} (truncated)")
+        return data
+
+    def _verify(self, name: str) -> None:
+        begin, end = self._entry(name)["data_offsets"]
+        crc, position, block = 0, self._data_start + begin, 16 << 20
+        while position < self._data_start + end:
+            length = min(block, self._data_start + end - position)
+            crc = zlib.crc32(self._read(position, length), crc)
+            position += length
+        self._check(name, crc)
+
+    def _check(self, name: str, crc: int) -> None:
         expected = self.checksums.get(name)
-        if expected is not None and tensor_crc(tensor) != expected:
+        if expected is not None and crc != expected:
             raise CorruptSessionError(f"{self.path}: tensor {name!r} fails its checksum (corrupted file)")
-        self._cache[name] = tensor
-        return tensor
+        self._verified.add(name)
+
+
+def _as_tensor(data: bytes, entry: dict, shape: tuple[int, ...]) -> torch.Tensor:
+    np_dtype, torch_dtype = _DTYPES[entry["dtype"]]
+    if not data:
+        return torch.empty(shape, dtype=torch_dtype)
+    tensor = torch.from_numpy(np.frombuffer(bytearray(data), dtype=np_dtype).reshape(shape))
+    return tensor.view(torch_dtype) if torch_dtype != tensor.dtype else tensor
 
 
 def _read_header(path: Path, size: int) -> tuple[dict, int]:
@@ -140,4 +190,4 @@ def _read_header(path: Path, size: int) -> tuple[dict, int]:
     return header, data_start
 
 
-__all__ = ["MappedTensors", "fsync_dir", "tensor_crc", "write_tensors"]
+__all__ = ["TensorFile", "fsync_dir", "tensor_crc", "write_tensors"]

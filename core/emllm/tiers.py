@@ -1,9 +1,9 @@
 """The CPU and disk tiers of one layer's events: a list that reads the same whichever tier an event is in.
 
-The newest events live in RAM as tensors; saved ones are views into memory-mapped segment files (one
+The newest events live in RAM as tensors; saved ones are read from segment files when asked for (one
 file holds a run of consecutive events for every layer, concatenated along the token axis). Memory grows
-with the text on disk, not in RAM: after a save, the RAM copies are dropped for the mapped views.
-Knows nothing about sessions or the index; the store hands it mapped segments.
+with the text on disk, not in RAM: after a save, the RAM copies are dropped.
+Knows nothing about sessions or the index; the store hands it opened segment files.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tensorfiles import MappedTensors
+from .tensorfiles import TensorFile
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -23,12 +23,12 @@ def _nbytes(t: torch.Tensor) -> int:
 
 @dataclass
 class DiskRun:
-    """Consecutive events [first, first + len(offsets) - 1) of one tensor name in a mapped segment (the run
+    """Consecutive events [first, first + len(offsets) - 1) of one tensor name in a segment file (the run
     covers that whole tensor)."""
 
     first: int
     offsets: list[int]  # token offsets of each event inside the segment tensor, plus the end
-    segment: MappedTensors
+    segment: TensorFile
     name: str  # e.g. "k.3"
 
     @property
@@ -36,7 +36,7 @@ class DiskRun:
         return len(self.offsets) - 1
 
     def event(self, j: int) -> torch.Tensor:
-        return self.segment.get(self.name)[:, :, self.offsets[j] : self.offsets[j + 1]]
+        return self.segment.read_rows(self.name, self.offsets[j], self.offsets[j + 1])
 
     def nbytes(self) -> int:
         return self.segment.nbytes(self.name)
@@ -92,7 +92,7 @@ class EventList:
         saved events: the next save rewrites them)."""
         r = bisect.bisect_right(self._starts, i) - 1
         first = self._runs[r].first
-        copies = [self[j].clone() for j in range(first, self._on_disk)]
+        copies = [self[j] for j in range(first, self._on_disk)]  # reads give fresh tensors
         del self._runs[r:], self._starts[r:]
         self._on_disk = first
         self._ram[:0] = copies
