@@ -165,7 +165,9 @@ class LayerMemory:
         num_events = len(self.events_k)
         if num_events == 0 or self.config.n_mem == 0:
             return (self.init_k, self.init_v) if self.init_k.shape[2] else None
-        if not (ctx.retrieve or ctx.probe) and self._global is not None:
+        if not (ctx.retrieve or ctx.probe) and self._selection is not None:
+            if self._global is None:  # a reopened session: its last selection is read back on first use
+                self._global = self._gather(self._selection)
             return self._global
         query = self._retrieval_query(q, ctx).to(q.dtype)  # (1,Hq,D)
         q_mem_mean = ctx.rotary.rotate_at(query, ctx.config.memory_distance)

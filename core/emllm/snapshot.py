@@ -224,7 +224,7 @@ def _restore_layer(layer, i: int, segments, state: TensorFile, query_count: int)
         layer._query_count = query_count
     if f"selection.{i}" in state:
         selection = tuple(state.get(f"selection.{i}").tolist())
-        layer._selection, layer._global = selection, layer._gather(selection)
+        layer._selection, layer._global = selection, None  # read back when first needed
 
 
 __all__ = [
