@@ -25,7 +25,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from ._async import iterate_in_thread
+from .._async import iterate_in_thread
 from ._engines import get_engine
 from ._messages import last_chunk, to_ai_message, to_chat_messages, to_tool_specs
 from ._threads import with_session_id

@@ -14,7 +14,7 @@ from langchain_core.outputs import GenerationChunk
 from langchain_core.runnables import RunnableConfig
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
-from ._async import iterate_in_thread
+from .._async import iterate_in_thread
 from ._engines import get_engine
 from ._threads import with_session_id
 

@@ -34,9 +34,9 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
+from .._async import iterate_in_thread
 from . import _chat, _persist
 from ._budget import context_window
-from ._threads import iterate_in_thread
 from ._usage import Usage
 
 if TYPE_CHECKING:

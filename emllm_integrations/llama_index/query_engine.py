@@ -25,11 +25,11 @@ from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 from llama_index.core.settings import Settings
 from tqdm.auto import tqdm
 
+from .._async import iterate_in_thread
 from . import _chat, _manifest, _persist
 from ._budget import check_fits
 from ._documents import DocumentSpan, attended_nodes, check_documents, fingerprint, hit_nodes, text_pieces
 from ._manifest import Manifest
-from ._threads import iterate_in_thread
 from .llm import EMLLM
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
-"""Running the engine's blocking calls from asyncio: whole calls in a worker thread, streams in one thread.
+"""Streams of the engine's blocking generators, consumed from asyncio (shared by both adapters).
 
 A session's lock is re-entrant and owned by the thread that took it, so a stream must be iterated from
-start to end on one thread; `iterate_in_thread` does that and hands items to the event loop. Knows
-nothing about LlamaIndex or the engine.
+start to end on one thread (LangChain's default `_astream` would advance it from a different executor
+thread each step); `iterate_in_thread` does that and hands items to the event loop. Knows nothing about
+LangChain, LlamaIndex or the engine.
 """
 
 from __future__ import annotations
