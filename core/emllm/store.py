@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CorruptSessionError, DiskBudgetError, ModelMismatchError, SessionLockedError, StoreError
+from .errors import (
+    CorruptSessionError,
+    DiskBudgetError,
+    ModelMismatchError,
+    SessionLockedError,
+    SessionNotFoundError,
+    StoreError,
+)
 from .models import emllm_home
 from .snapshot import SavedState, SegmentRecord, restore, segment_payload, serve_from_disk, state_payload
 from .tensorfiles import TensorFile, fsync_dir, write_tensors
@@ -120,9 +127,7 @@ class SessionStore:
         for stored in self.list():
             if stored.id == session_id:
                 return stored
-        from .errors import SessionNotFoundError
-
-        raise SessionNotFoundError(f"no stored session {session_id!r} in {self.root}")
+        raise self._not_found(session_id)
 
     def total_bytes(self) -> int:
         with self._mutex:
@@ -132,9 +137,7 @@ class SessionStore:
     def delete(self, session_id: str) -> None:
         """Remove a stored session and its files (refused while another engine holds it open)."""
         if session_id not in self:
-            from .errors import SessionNotFoundError
-
-            raise SessionNotFoundError(f"no stored session {session_id!r} in {self.root}")
+            raise self._not_found(session_id)
         held = session_id in self._locks
         if not held:
             self.lock(session_id)
@@ -153,9 +156,7 @@ class SessionStore:
         """Read every file of a stored session and check every checksum (CorruptSessionError if one fails)."""
         row = self._row(session_id)
         if row is None:
-            from .errors import SessionNotFoundError
-
-            raise SessionNotFoundError(f"no stored session {session_id!r} in {self.root}")
+            raise self._not_found(session_id)
         folder = self._folder(session_id)
         files = [self._map(folder, r) for r in self._segment_records(session_id)]
         files.append(
@@ -212,7 +213,7 @@ class SessionStore:
         """Lock the session for this engine and, if it was saved before, rebuild it from disk."""
         self.lock(session.id)
         try:
-            self._remove_orphans_of(session.id)
+            self._remove_unreferenced(session.id, self._folder(session.id))
             row = self._row(session.id)
             if row is None:
                 session._saved = SavedState([], None, 0, 0)
@@ -432,8 +433,8 @@ class SessionStore:
                     os.close(fd)
         return removed
 
-    def _remove_orphans_of(self, session_id: str) -> int:
-        return self._remove_unreferenced(session_id, self._folder(session_id))
+    def _not_found(self, session_id: str) -> SessionNotFoundError:
+        return SessionNotFoundError(f"no stored session {session_id!r} in {self.root}")
 
     def _remove_unreferenced(self, session_id: str, folder: Path) -> int:
         row = self._row(session_id)
