@@ -7,7 +7,7 @@ import pytest
 import torch
 from emllm.memory import ChunkContext
 from emllm.positions import apply_rotary
-from emllm.retrieval import group_query_for_scoring, select_events
+from emllm.retrieval import group_query_for_scoring, relevance_scores, select_events
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -163,6 +163,25 @@ def _query_scoring_as(direction: torch.Tensor, engine, c: int) -> torch.Tensor:
     raw = apply_rotary(target, engine.rotary.cos[p], -engine.rotary.sin[p])  # inverse rotation
     assert torch.allclose(engine.rotary.rotate_at(raw, p), target, atol=1e-5)
     return raw[None, :, None, :].expand(1, hq, c, d).contiguous()
+
+
+def test_relevance_scores_ignore_shared_components_and_key_length() -> None:
+    """A component every representative shares does not change a score, and no representative's length
+    can outweigh its direction: each score is the query's projection on a unit vector."""
+    gen = torch.Generator().manual_seed(0)
+    num_events, width = 12, 16
+    reprs = torch.randn(num_events, width, generator=gen)
+    own = reprs[7] - reprs.mean(dim=0)
+    query = (own / own.norm()).reshape(1, 1, width)  # 1 query head over 1 KV head
+    scores = relevance_scores(reprs, query, 1)
+    assert int(scores.argmax()) == 7
+    assert float(scores.max()) == pytest.approx(1.0)  # the query is exactly event 7's centred direction
+    shifted = relevance_scores(reprs + 5.0 * torch.randn(width, generator=gen), query, 1)
+    assert torch.allclose(shifted, scores, atol=1e-5)
+    longer = reprs.clone()
+    longer[3] = longer[3] * 100.0
+    assert relevance_scores(longer, query, 1).abs().max() <= 1.0 + 1e-5
+    assert relevance_scores(reprs[:1], query, 1).isfinite().all()  # one event: no direction, no NaN
 
 
 def test_planted_representative_is_retrieved(make_engine) -> None:

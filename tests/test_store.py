@@ -69,6 +69,19 @@ def test_reopened_session_continues_exactly(model, tmp_path) -> None:
     assert again.retrieve("the cat", k=3)[0].source_id == "doc-1"
 
 
+def test_reopened_session_retrieves_the_same_events_with_the_same_scores(model, tmp_path) -> None:
+    """Session.retrieve centres its query on the text's mean query; that statistic is saved too."""
+    engine = open_engine(model, tmp_path)
+    session = engine.session("recall")
+    session.feed(prose(500, seed=5))
+    before = session.retrieve("a grey cat", k=5)
+    session.save()
+    engine = reopen(engine, model)
+    after = engine.session("recall").retrieve("a grey cat", k=5)
+    assert [h.event_id for h in after] == [h.event_id for h in before]
+    assert [h.score for h in after] == pytest.approx([h.score for h in before], abs=1e-5)
+
+
 def test_saves_are_incremental(model, tmp_path) -> None:
     engine = open_engine(model, tmp_path)
     session = engine.session("log")

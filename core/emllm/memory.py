@@ -24,7 +24,7 @@ from .attention import (
 )
 from .config import EMLLMConfig
 from .positions import RotaryTable
-from .retrieval import group_query_for_scoring, select_events
+from .retrieval import group_query_for_scoring, relevance_scores, select_events
 from .tiers import EventList
 
 
@@ -81,6 +81,10 @@ class LayerMemory:
         self._selection: tuple[int, ...] | None = None
         self._query_sum: torch.Tensor | None = None  # (1,Hq,D) sum of the queries driving retrieval
         self._query_count = 0
+        # sum/count of every stored token's query: the text's mean query, which Session.retrieve removes
+        # (a truncation leaves it slightly stale; it is a statistic of the text, not of one span)
+        self.corpus_query_sum: torch.Tensor | None = None
+        self.corpus_query_count = 0
         self._global: tuple[torch.Tensor, torch.Tensor] | None = None
         self.use_kernels = use_triton_kernels(config.kernels, device, head_dim)  # resolved once, fails early
 
@@ -171,7 +175,9 @@ class LayerMemory:
             return self._global
         query = self._retrieval_query(q, ctx).to(q.dtype)  # (1,Hq,D)
         q_mem_mean = ctx.rotary.rotate_at(query, ctx.config.memory_distance)
-        if self.use_kernels:
+        if ctx.probe:
+            scores = relevance_scores(self.reprs, q_mem_mean, self.init_k.shape[1])
+        elif self.use_kernels:
             scores = event_scores(self.reprs, q_mem_mean[0], self.init_k.shape[1])  # (E,)
         else:
             scores = self.reprs @ group_query_for_scoring(q_mem_mean, self.init_k.shape[1])  # (E,)
@@ -193,13 +199,23 @@ class LayerMemory:
         if ctx.probe:
             return
         chunk_sum = q.float().sum(dim=2)  # (1,Hq,D)
+        total = self.corpus_query_sum
+        self.corpus_query_sum = chunk_sum.clone() if total is None else total + chunk_sum
+        self.corpus_query_count += q.shape[2]
         if q.shape[2] > 1 or self._query_sum is None:
             self._query_sum, self._query_count = chunk_sum, q.shape[2]
         else:
             self._query_sum, self._query_count = self._query_sum + chunk_sum, self._query_count + 1
 
     def _retrieval_query(self, q: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
-        if ctx.probe or self._query_sum is None:
+        """(1,Hq,D) fp32. A probe's is its mean query minus the text's mean query: what every query shares
+        otherwise ranks the same salient events first whatever is asked (measured on SmolLM2, real text)."""
+        if ctx.probe:
+            query = q.float().mean(dim=2)
+            if self.corpus_query_count:
+                query = query - self.corpus_query_sum / self.corpus_query_count
+            return query
+        if self._query_sum is None:
             return q.float().mean(dim=2)
         return self._query_sum / self._query_count
 

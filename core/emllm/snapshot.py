@@ -136,6 +136,9 @@ def state_payload(
         tensors[f"mass.{i}"] = layer.mass[:length]
         if layer._query_sum is not None:
             tensors[f"query_sum.{i}"] = layer._query_sum
+        if layer.corpus_query_sum is not None:
+            tensors[f"corpus_query_sum.{i}"] = layer.corpus_query_sum
+            tensors[f"corpus_query_count.{i}"] = torch.tensor([layer.corpus_query_count], dtype=torch.int64)
         if layer._selection is not None:
             tensors[f"selection.{i}"] = torch.tensor(layer._selection, dtype=torch.int64)
         query_counts.append(layer._query_count)
@@ -222,6 +225,9 @@ def _restore_layer(layer, i: int, segments, state: TensorFile, query_count: int)
     if f"query_sum.{i}" in state:
         layer._query_sum = state.get(f"query_sum.{i}").to(device).clone()
         layer._query_count = query_count
+    if f"corpus_query_sum.{i}" in state:
+        layer.corpus_query_sum = state.get(f"corpus_query_sum.{i}").to(device).clone()
+        layer.corpus_query_count = int(state.get(f"corpus_query_count.{i}")[0])
     if f"selection.{i}" in state:
         selection = tuple(state.get(f"selection.{i}").tolist())
         layer._selection, layer._global = selection, None  # read back when first needed
