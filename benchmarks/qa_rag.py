@@ -142,7 +142,7 @@ class Runner:
             self.model, self.tokenizer, config, name="smollm2-135m-instruct", store=store
         )
         llm = EMLLM(engine=engine, max_new_tokens=self.args.max_new_tokens)
-        known = set(engine.session_ids)
+        known = set(engine.session_ids())
         start = time.perf_counter()
         document = Document(text=self.text, id_="pride-and-prejudice")
         query_engine = EpisodicQueryEngine.from_documents(
