@@ -80,22 +80,26 @@ class MiniLMEmbedding(BaseEmbedding):
 
 
 class ChunkRetriever:
-    """RAG memory: `text` cut into chunks of `chunk_tokens` tokens (the answering model's tokenizer),
-    embedded once; `context(question)` is the `top_k` most similar chunks, in the order of the text."""
+    """RAG memory: `texts` (one text, or many such as chat exchanges) cut into chunks of at most
+    `chunk_tokens` tokens (the answering model's tokenizer) and embedded once; `chunks(question)` is the
+    `top_k` most similar chunks, in the order of the texts."""
 
-    def __init__(self, text: str, tokenizer, chunk_tokens: int, top_k: int, embed_model: BaseEmbedding):
+    def __init__(
+        self, texts: str | list[str], tokenizer, chunk_tokens: int, top_k: int, embed_model: BaseEmbedding
+    ):
         splitter = TokenTextSplitter(
             chunk_size=chunk_tokens, chunk_overlap=0, separator=" ", tokenizer=lambda s: tokenizer.encode(s)
         )
-        self.text = text
+        texts = [texts] if isinstance(texts, str) else texts
+        documents = [Document(text=text, metadata={"order": i}) for i, text in enumerate(texts)]
         self.index = VectorStoreIndex.from_documents(
-            [Document(text=text)], transformations=[splitter], embed_model=embed_model, show_progress=True
+            documents, transformations=[splitter], embed_model=embed_model, show_progress=True
         )
         self.retriever = self.index.as_retriever(similarity_top_k=top_k)
 
     def chunks(self, question: str) -> list[str]:
         nodes = self.retriever.retrieve(question)
-        nodes.sort(key=lambda n: n.node.start_char_idx if n.node.start_char_idx is not None else 0)
+        nodes.sort(key=lambda n: (n.node.metadata["order"], n.node.start_char_idx or 0))
         return [n.node.get_content() for n in nodes]
 
 
