@@ -19,21 +19,21 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, model_validator
 
 from .._async import iterate_in_thread
 from ._engines import get_engine
+from ._fields import EpisodicModelFields
 from ._messages import last_chunk, to_ai_message, to_chat_messages, to_tool_specs
-from ._threads import with_session_id
 
 StructuredOutputMethod = Literal["json_schema", "function_calling", "json_mode"]
 
 
-class ChatEMLLM(BaseChatModel):
+class ChatEMLLM(EpisodicModelFields, BaseChatModel):
     """Chat model over a local Hugging Face decoder with EM-LLM episodic memory (unbounded context).
 
     Each conversation thread owns an episodic session: when an agent re-sends the whole history, only
@@ -126,49 +126,12 @@ class ChatEMLLM(BaseChatModel):
         ```
     """
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
+    model_config = EpisodicModelFields.model_config  # LangChain's base class config would win otherwise
 
-    model: str = Field(default=emllm.DEFAULT_MODEL)
-    """Model to load: the bundled default, a Hugging Face id or path, or a registered engine's name."""
-    engine: Any = Field(default=None, exclude=True)
-    """An `emllm.EMLLM` engine to use instead of loading `model` (shared, not copied)."""
-    config: emllm.EMLLMConfig | None = None
-    """Episodic memory settings; None picks the preset for the model."""
-    store: Any = Field(default=None, exclude=True)
-    """Session store (folder path or `emllm.SessionStore`): sessions persist across restarts."""
-    autosave: bool = True
-    """Save the session after every turn when the engine has a store."""
-    session_id: str | None = None
-    """Fixed episodic session id; None uses the run's LangGraph thread_id, else a throwaway session."""
-    temperature: float = 0.0
-    """Sampling temperature; 0 decodes greedily."""
-    max_tokens: int = Field(default=256, ge=1)
-    """Maximum number of tokens to generate per call."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    top_k: int = 0
-    """Sample among the k most likely tokens (0 = all)."""
-    seed: int | None = None
-    """Random seed for sampling."""
-    stop: list[str] | None = None
-    """Stop sequences (generation ends before the first one)."""
-    timeout: float | None = None
-    """Seconds a call may take before TimeoutError (checked between generated tokens)."""
-    max_retries: int = 0
-    """Accepted for compatibility with hosted models; a local model has no transient failures to retry."""
     streaming: bool = False
     """Stream tokens through callbacks even on invoke."""
     tool_format: ToolFormat | None = None
     """Tool-call format ("hermes", "llama3", "json"); None reads it off the chat template."""
-    api_key: SecretStr | None = Field(default=None, exclude=True)
-    """Ignored: a local model needs no key (accepted so code written for hosted models runs)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _model_from_engine(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("engine") is not None and "model" not in values:
-            values = {**values, "model": values["engine"].name}
-        return values
 
     @model_validator(mode="after")
     def _default_profile(self) -> ChatEMLLM:
@@ -213,19 +176,6 @@ class ChatEMLLM(BaseChatModel):
         if stop or self.stop:
             params["ls_stop"] = stop or self.stop
         return params
-
-    # -- thread ids from the run config ----------------------------------------------------------------
-    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any):
-        return super().invoke(input, config, **with_session_id(config, kwargs))
-
-    async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any):
-        return await super().ainvoke(input, config, **with_session_id(config, kwargs))
-
-    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any):
-        return super().stream(input, config, **with_session_id(config, kwargs))
-
-    def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any):
-        return super().astream(input, config, **with_session_id(config, kwargs))
 
     # -- generation ------------------------------------------------------------------------------------
     def episodic_engine(self, model: str | None = None) -> emllm.EMLLM:

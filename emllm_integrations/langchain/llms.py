@@ -9,17 +9,15 @@ from typing import Any
 import emllm
 from emllm.chat_session import encode_with_prefix
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import LLM, LanguageModelInput
+from langchain_core.language_models import LLM
 from langchain_core.outputs import GenerationChunk
-from langchain_core.runnables import RunnableConfig
-from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from .._async import iterate_in_thread
 from ._engines import get_engine
-from ._threads import with_session_id
+from ._fields import EpisodicModelFields
 
 
-class EMLLM(LLM):
+class EMLLM(EpisodicModelFields, LLM):
     """Completion LLM over a local Hugging Face decoder with EM-LLM episodic memory (no chat template).
 
     The prompt is read as raw text; with a session (explicit `session_id` or the run's LangGraph
@@ -61,47 +59,10 @@ class EMLLM(LLM):
         ```
     """
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
+    model_config = EpisodicModelFields.model_config  # LangChain's base class config would win otherwise
 
-    model: str = Field(default=emllm.DEFAULT_MODEL)
-    """Model to load: the bundled default, a Hugging Face id or path, or a registered engine's name."""
-    engine: Any = Field(default=None, exclude=True)
-    """An `emllm.EMLLM` engine to use instead of loading `model`."""
-    config: emllm.EMLLMConfig | None = None
-    """Episodic memory settings; None picks the preset for the model."""
-    store: Any = Field(default=None, exclude=True)
-    """Session store (folder path or `emllm.SessionStore`): sessions persist across restarts."""
-    autosave: bool = True
-    """Save the session after every call when the engine has a store."""
-    session_id: str | None = None
-    """Fixed episodic session id; None uses the run's LangGraph thread_id, else a throwaway session."""
-    temperature: float = 0.0
-    """Sampling temperature; 0 decodes greedily."""
-    max_tokens: int = Field(default=256, ge=1)
-    """Maximum number of tokens to generate per call."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    top_k: int = 0
-    """Sample among the k most likely tokens (0 = all)."""
-    seed: int | None = None
-    """Random seed for sampling."""
-    stop: list[str] | None = None
-    """Stop sequences."""
-    timeout: float | None = None
-    """Seconds a call may take before TimeoutError (checked between generated tokens)."""
-    max_retries: int = 0
-    """Accepted for compatibility; a local model has no transient failures to retry."""
     streaming: bool = False
     """Accepted for compatibility with other LLMs."""
-    api_key: SecretStr | None = Field(default=None, exclude=True)
-    """Ignored: a local model needs no key."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _model_from_engine(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("engine") is not None and "model" not in values:
-            values = {**values, "model": values["engine"].name}
-        return values
 
     @property
     def _llm_type(self) -> str:
@@ -110,18 +71,6 @@ class EMLLM(LLM):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens}
-
-    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> str:
-        return super().invoke(input, config, **with_session_id(config, kwargs))
-
-    async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any):
-        return await super().ainvoke(input, config, **with_session_id(config, kwargs))
-
-    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any):
-        return super().stream(input, config, **with_session_id(config, kwargs))
-
-    def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any):
-        return super().astream(input, config, **with_session_id(config, kwargs))
 
     def episodic_engine(self) -> emllm.EMLLM:
         """The `emllm.EMLLM` engine serving this model, loaded on first use."""
