@@ -33,11 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from report import DOC, machine, replace_section  # noqa: E402
+from report import add_output_arguments, machine, outputs, replace_section, set_threads  # noqa: E402
 from ruler_tasks import string_match_all  # noqa: E402
 
 NOVEL = ROOT / "benchmarks" / "data" / "austen_pride_and_prejudice.txt"
-DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
 SECTION = "## Conversation memory across a restart"
 MODEL = "SmolLM2-135M-Instruct (bundled GGUF, fp32)"
 METHODS = ("emllm", "rag", "truncated")
@@ -292,27 +291,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=50_000, help="tokens of conversation after the facts")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--store", default=str(Path.home() / ".cache" / "emllm" / "bench-conversation"))
-    parser.add_argument(
-        "--results-dir",
-        type=Path,
-        default=DEFAULT_RESULTS,
-        help="anything but the default also receives the docs section (trial runs leave docs/ alone)",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy machine)")
+    add_output_arguments(parser)
     parser.add_argument("--phase", choices=["read", "ask", "rag", "truncated"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.phase:
         run = {"read": phase_read, "ask": phase_ask}.get(args.phase)
         result = run(args) if run else phase_baseline(args, args.phase)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    out = args.results_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out, doc, _ = outputs(args.results_dir)
     samples: dict[str, list[dict]] = {}
     read = _in_subprocess(args, "read")
     print(f"[conversation] read {read['tokens']:,} tokens in {read['read_seconds']} s", flush=True)
@@ -327,7 +316,6 @@ def main() -> None:
     )
     summary = summarise(samples, read, command, args.threads)
     (out / "conversation_memory.json").write_text(json.dumps(summary, indent=2) + "\n")
-    doc = DOC if out == DEFAULT_RESULTS else out / "benchmarks.md"
     write_doc(summary, doc)
     print(f"[conversation] wrote {out / 'conversation_memory.json'} and {doc}")
 

@@ -32,11 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from report import DOC, machine, replace_section  # noqa: E402
+from report import add_output_arguments, machine, outputs, replace_section, set_threads  # noqa: E402
 from ruler_tasks import string_match_all  # noqa: E402
 
 NOVEL = ROOT / "benchmarks" / "data" / "austen_pride_and_prejudice.txt"
-DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
 SECTION = "## Long-document QA: EM-LLM vs RAG"
 MODEL = "SmolLM2-135M-Instruct (bundled GGUF, fp32)"
 METHODS = ("emllm", "rag", "truncated", "closed_book")
@@ -290,26 +289,15 @@ def main() -> None:
     parser.add_argument(
         "--store", default=None, help="session store for the read novel (default: $EMLLM_HOME)"
     )
-    parser.add_argument(
-        "--results-dir",
-        type=Path,
-        default=DEFAULT_RESULTS,
-        help="anything but the default also receives the docs section (trial runs leave docs/ alone)",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy machine)")
+    add_output_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    out = args.results_dir
-    out.mkdir(parents=True, exist_ok=True)
+    set_threads(args.threads)
+    out, doc, _ = outputs(args.results_dir)
     samples_path = out / "qa_rag.samples.jsonl"
     run(args, samples_path)
     command = "python benchmarks/qa_rag.py" + (f" --tokens {args.tokens}" if args.tokens else "")
     summary = summarise(samples_path, command, args.threads)
     (out / "qa_rag.json").write_text(json.dumps(summary, indent=2) + "\n")
-    doc = DOC if out == DEFAULT_RESULTS else out / "benchmarks.md"
     write_doc(summary, doc)
     print(f"[qa] wrote {out / 'qa_rag.json'} and {doc}")
 

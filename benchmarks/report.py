@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS = ROOT / "benchmarks" / "results"
 DOC_HEADER = "# Benchmarks\n\nEvery table is written by the script named in it.\n\n"
 
 
@@ -26,3 +29,31 @@ def replace_section(doc: Path, heading: str, section: str) -> None:
         end = text.find("\n## ", start + 1)
         text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
     doc.write_text(text)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--results-dir and --threads, as every benchmark script takes them."""
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS,
+        help="where results go; anything but the default also receives the docs section and plots "
+        "(trial runs leave docs/ alone)",
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (1 is far faster on a busy machine)")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def outputs(results_dir: Path) -> tuple[Path, Path, Path]:
+    """(results folder, docs page, image folder): docs/ for the official results folder, else inside it."""
+    out = results_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if out == RESULTS.resolve():
+        return out, DOC, ROOT / "docs" / "img"
+    return out, out / "benchmarks.md", out / "img"

@@ -34,10 +34,8 @@ import time
 from pathlib import Path
 
 import torch
-from report import machine, replace_section
+from report import ROOT, add_output_arguments, machine, outputs, replace_section
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
 AUSTEN = ROOT / "benchmarks" / "data" / "austen_pride_and_prejudice.txt"
 SECTION = "## Segmentation quality"
 METHODS = ("S", "SM", "SC", "fixed", "random")
@@ -355,22 +353,15 @@ def main() -> None:
     parser.add_argument("--next-tokens", type=int, default=1024, help="tokens whose perplexity is reported")
     parser.add_argument("--samples", type=int, default=3, help="stretches, at evenly spaced offsets")
     parser.add_argument("--window", type=int, default=1024, help="tokens per graph for the metrics")
-    parser.add_argument("--threads", type=int, help="torch threads (1 is far faster on a busy machine)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per stretch")
-    parser.add_argument(
-        "--results-dir",
-        type=Path,
-        default=DEFAULT_RESULTS,
-        help="where results go; anything but the default also receives the docs section and plot",
-    )
+    add_output_arguments(parser)
     parser.add_argument("--summarise-only", action="store_true")
     parser.add_argument("--sample", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sample:
         _sample_main(args.sample, args.threads)
         return
-    out = args.results_dir.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out, doc, images = outputs(args.results_dir)
     samples_path = out / "segmentation.samples.jsonl"
     if not args.summarise_only:
         run_plan(args, samples_path)
@@ -380,9 +371,7 @@ def main() -> None:
     setting = (args.tokens, args.next_tokens, args.window)
     summary = summarise(samples_path, command.strip(), args.threads, setting)
     (out / "segmentation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    official = out == DEFAULT_RESULTS.resolve()
-    doc = ROOT / "docs" / "benchmarks.md" if official else out / "benchmarks.md"
-    plot = (ROOT / "docs" / "img" if official else out / "img") / "segmentation_quality.png"
+    plot = images / "segmentation_quality.png"
     if summary["rows"]:
         write_plot(summary, plot)
     write_doc(summary, doc, plot if summary["rows"] else None)
