@@ -3,6 +3,7 @@ every CLI command is documented."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from emllm import PRESETS, EMLLMConfig
@@ -29,3 +30,18 @@ def test_every_cli_command_is_documented() -> None:
     commands = build_parser()._subparsers._group_actions[0].choices
     for command in commands:
         assert f"emllm {command}" in text
+
+
+def test_every_relative_link_in_the_docs_points_at_a_file() -> None:
+    pages = [*DOCS.glob("*.md"), DOCS.parent / "README.md"]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def test_python_examples_in_the_docs_are_valid_python() -> None:
+    for page in [*DOCS.glob("*.md"), DOCS.parent / "README.md"]:
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)):
+            compile(block, f"{page.name}[python block {i}]", "exec")
