@@ -54,6 +54,21 @@ def test_source_nodes_are_real_document_spans(llm, docs):
     assert response.metadata["tokens_computed"] < 64  # the question and the answer, not the documents
 
 
+def test_every_layer_attends_the_source_events_while_answering(llm, docs):
+    engine = EpisodicQueryEngine.from_documents(docs, llm=llm, similarity_top_k=2, show_progress=False)
+    session = llm.engine.session(engine.session_id)
+    response = engine.query("What did Mrs. Bennet say about Netherfield?")
+    sources = {
+        n.node.metadata["event_id"] for n in response.source_nodes if n.node.metadata["memory"] == "event"
+    }
+    assert len(sources) == 2
+    assert all(sources <= set(layer._selection) for layer in session.layers)
+
+    engine.attend_source_events = False  # the attention's own retrieval alone
+    engine.query("What did Mrs. Bennet say about Netherfield?")
+    assert not all(sources <= set(layer._selection) for layer in session.layers)
+
+
 def test_documents_are_read_once_per_session(llm, docs):
     first = EpisodicQueryEngine.from_documents(docs, llm=llm, show_progress=False)
     session = llm.engine.session(first.session_id)

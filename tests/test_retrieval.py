@@ -87,6 +87,17 @@ def test_select_events_contiguity_skips_neighbours_that_do_not_fit() -> None:
     _check_valid(torch.tensor(chosen), sizes, 8)
 
 
+def test_select_events_recalled_events_rank_first() -> None:
+    scores = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 0.0])
+    sizes = torch.full((8,), 10)
+    plain = select_events(scores, sizes, 20, 0.0).tolist()
+    assert plain == [0, 1]
+    assert select_events(scores, sizes, 20, 0.0, recall=(7,)).tolist() == [0, 7]
+    assert select_events(scores, sizes, 20, 0.0, recall=(7, 5, 7)).tolist() == [5, 7]  # order, no repeats
+    # with a contiguity share the recalled event brings its neighbours, like a top-scored one
+    assert select_events(scores, sizes, 30, 0.5, recall=(4,)).tolist() == [3, 4, 5]
+
+
 def test_select_events_edge_of_the_table() -> None:
     """Top event at index 0 or E-1: only the neighbour that exists is added."""
     sizes = torch.full((5,), 3)
@@ -245,3 +256,23 @@ def test_decoding_retrieves_with_the_question_and_the_tokens_generated_since(mak
     assert torch.equal(layer._query_sum, before)
     session.feed(ids[:50])  # pending token + 50 new ones: the last multi-token chunk resets the query
     assert layer._query_count == 51 % engine.config.chunk_size
+
+
+def test_recalled_events_are_attended_by_every_layer_for_one_call(make_engine) -> None:
+    engine = make_engine(n_mem=16, contiguity_ratio=0.0)
+    session = engine.session("recall")
+    ids = torch.randint(0, 256, (220,), generator=torch.Generator().manual_seed(6)).tolist()
+    session.feed(ids[:200])
+    events = len(session.timeline.events)
+    assert events >= 4
+    session.generate(ids[200:216], max_new_tokens=2)
+    target = next(e for e in range(events) if all(e not in layer._selection for layer in session.layers))
+    session.generate(ids[200:216], max_new_tokens=2, recall=[target])
+    assert all(target in layer._selection for layer in session.layers)
+    assert session._recall == ()  # for that call only
+
+    tokens = list(session.token_ids)
+    with pytest.raises(ValueError, match="no events"):
+        session.generate("more", recall=[events + 100])
+    assert session.token_ids == tokens  # refused before reading anything
+

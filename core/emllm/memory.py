@@ -39,6 +39,7 @@ class ChunkContext:
     retrieve: bool = True  # select events anew (else reuse each layer's last selection)
     probe: bool = False  # score and attend, but store nothing (used by Session.retrieve)
     probe_scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    recall: tuple[int, ...] = ()  # events every layer attends first (Session.stream's `recall`)
     max_local_distance: int = 0
 
 
@@ -181,7 +182,8 @@ class LayerMemory:
             scores = event_scores(self.reprs, q_mem_mean[0], self.init_k.shape[1])  # (E,)
         else:
             scores = self.reprs @ group_query_for_scoring(q_mem_mean, self.init_k.shape[1])  # (E,)
-        chosen = select_events(scores, ctx.event_sizes, self.config.n_mem, self.config.contiguity_ratio)
+        config, recall = self.config, () if ctx.probe else ctx.recall
+        chosen = select_events(scores, ctx.event_sizes, config.n_mem, config.contiguity_ratio, recall)
         if ctx.probe:
             ctx.probe_scores[self.layer_idx] = scores
         selection = tuple(chosen.tolist())

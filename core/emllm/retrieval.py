@@ -30,10 +30,15 @@ def relevance_scores(reprs: torch.Tensor, q_mem_mean: torch.Tensor, num_kv_heads
 
 
 def select_events(
-    scores: torch.Tensor, sizes: torch.Tensor, budget: int, contiguity_ratio: float
+    scores: torch.Tensor,
+    sizes: torch.Tensor,
+    budget: int,
+    contiguity_ratio: float,
+    recall: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """Indices of the events to attend, in time order.
 
+    Events in `recall` (ids, best first) rank ahead of every scored event; then:
     1. similarity buffer: events by descending score while their tokens fit budget * (1 - contiguity_ratio);
     2. contiguity buffer: the -1/+1 neighbours of those events (best first) while they fit the whole budget;
     3. what budget is left goes to further events by score.
@@ -43,6 +48,9 @@ def select_events(
     if num_events == 0 or budget <= 0:
         return torch.empty(0, dtype=torch.long)
     order = torch.argsort(scores.float().cpu(), descending=True)
+    if recall:
+        head = torch.tensor(list(dict.fromkeys(recall)), dtype=torch.long)
+        order = torch.cat((head, order[~torch.isin(order, head)]))
     sizes = sizes.cpu()
     ranked_sizes = sizes[order]
     similarity_budget = int(budget * (1.0 - contiguity_ratio))

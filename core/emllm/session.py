@@ -106,6 +106,7 @@ class Session:
             self.timeline = Timeline()
             self._pending: list[int] = []
             self._last_logprobs: torch.Tensor | None = None
+            self._recall: tuple[int, ...] = ()  # events every layer attends first, during one call
             self._event_sizes = torch.empty(0, dtype=torch.long)
             self._text_parts: list[str] = []
             self._char_len = 0
@@ -261,7 +262,9 @@ class Session:
 
     def _step(self, chunk: list[int], *, retrieve: bool, all_logits: bool = False) -> torch.Tensor:
         config = self.engine.config
-        context = ChunkContext(self.layers, self.engine.rotary, config, self._event_sizes, retrieve=retrieve)
+        context = ChunkContext(
+            self.layers, self.engine.rotary, config, self._event_sizes, retrieve=retrieve, recall=self._recall
+        )
         want_surprise = config.segmentation == "surprise" and len(chunk) > 1
         logits = self.engine.run_model(chunk, context, all_logits=all_logits or want_surprise)
         surprise = torch.full((len(chunk),), float("nan"))
@@ -284,6 +287,7 @@ class Session:
         prompt: str | Sequence[int] | None = None,
         *,
         logits_processor: LogitsProcessor | None = None,
+        recall: Sequence[int] = (),
         **options,
     ) -> str:
         """Continue the session (after reading `prompt`, if given); returns the generated text.
@@ -291,19 +295,23 @@ class Session:
         Options are GenerationConfig fields: max_new_tokens, temperature, top_k, top_p, stop, seed,
         ignore_eos. `logits_processor(generated_ids, logits) -> logits` may reshape each step's
         next-token scores (constrained decoding); set a score to -inf to forbid that token.
+        `recall`: event ids that every layer attends, ahead of the events it retrieves itself, while
+        this call reads the prompt and generates (e.g. the hits of `retrieve(question)`; with their
+        temporal neighbours, within the n_mem budget).
         """
-        return "".join(self.stream(prompt, logits_processor=logits_processor, **options))
+        return "".join(self.stream(prompt, logits_processor=logits_processor, recall=recall, **options))
 
     def stream(
         self,
         prompt: str | Sequence[int] | None = None,
         *,
         logits_processor: LogitsProcessor | None = None,
+        recall: Sequence[int] = (),
         **options,
     ) -> Iterator[str]:
         """Like generate, yielding text pieces as they are decoded."""
         generation = GenerationConfig(**options)
-        with self._lock:
+        with self._lock, self._recalling(recall):
             with self._rollback_on_error():
                 logits = self._prepare(prompt)
             acc = TextAccumulator(self.engine.tokenizer, generation.stop, self.token_ids)
@@ -333,6 +341,20 @@ class Session:
             finally:
                 text, offsets = self._text_with_offsets(new_ids) if new_ids else ("", [])
                 self._record_text(len(self.token_ids) - len(new_ids), text, offsets, None)
+
+    @contextmanager
+    def _recalling(self, recall: Sequence[int]):
+        """Make `recall` the events every layer attends first, for the duration of one call."""
+        events = tuple(int(e) for e in recall)
+        held = len(self.timeline.events)
+        bad = [e for e in events if not 0 <= e < held]
+        if bad:
+            raise ValueError(f"recall: no events {bad} in this session (it holds {held})")
+        self._recall = events
+        try:
+            yield
+        finally:
+            self._recall = ()
 
     def _prepare(self, prompt: str | Sequence[int] | None) -> torch.Tensor:
         """Compute the prompt (its last tokens as their own chunk) and any pending tokens; -> next logits."""

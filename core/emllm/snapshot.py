@@ -160,9 +160,7 @@ def state_payload(
     return tensors, meta
 
 
-def restore(
-    session: Session, segments: list[tuple[SegmentRecord, TensorFile]], state: TensorFile
-) -> None:
+def restore(session: Session, segments: list[tuple[SegmentRecord, TensorFile]], state: TensorFile) -> None:
     """Rebuild a freshly reset session from its saved segments and state. Segment keys and values stay
     on disk (read when retrieved); token records and representatives are read now."""
     meta = json.loads(state.metadata["emllm"])

@@ -74,6 +74,11 @@ class EpisodicQueryEngine(CustomQueryEngine):
         default=True,
         description="Also return the document text outside any event (initial tokens, local window).",
     )
+    attend_source_events: bool = Field(
+        default=True,
+        description="Every layer attends the source events while answering, ahead of the events it "
+        "retrieves itself (False: the attention's own retrieval alone, as in the paper).",
+    )
     streaming: bool = Field(default=False, description="Answer with a StreamingResponse.")
     question_template: str = Field(
         default=DEFAULT_QUESTION_TEMPLATE, description="How a question follows the documents ({query_str})."
@@ -158,9 +163,10 @@ class EpisodicQueryEngine(CustomQueryEngine):
     def custom_query(self, query_str: str) -> Response | StreamingResponse:
         nodes = self.retrieve(query_str)
         if self.streaming:
-            return StreamingResponse(self._answer(query_str), source_nodes=nodes, metadata=self._metadata())
+            answer = self._answer(query_str, nodes)
+            return StreamingResponse(answer, source_nodes=nodes, metadata=self._metadata())
         computed = self._session.stats().tokens_computed
-        answer = "".join(self._answer(query_str))
+        answer = "".join(self._answer(query_str, nodes))
         metadata = self._metadata(tokens_computed=self._session.stats().tokens_computed - computed)
         return Response(answer, source_nodes=nodes, metadata=metadata)
 
@@ -168,7 +174,7 @@ class EpisodicQueryEngine(CustomQueryEngine):
         if not self.streaming:
             return await asyncio.to_thread(self.custom_query, query_str)
         nodes = await asyncio.to_thread(self.retrieve, query_str)
-        answer = iterate_in_thread(lambda: self._answer(query_str))
+        answer = iterate_in_thread(lambda: self._answer(query_str, nodes))
         return AsyncStreamingResponse(answer, source_nodes=nodes, metadata=self._metadata())
 
     def _prompt(self, query: str) -> str:
@@ -176,10 +182,13 @@ class EpisodicQueryEngine(CustomQueryEngine):
         question = self.question_template.format(query_str=query)
         return question + self._manifest.question_suffix + self.answer_prefix
 
-    def _answer(self, query: str) -> Iterator[str]:
+    def _answer(self, query: str, sources: list[NodeWithScore]) -> Iterator[str]:
         options = self.llm.generation_options()
         if self.max_new_tokens is not None:
             options["max_new_tokens"] = self.max_new_tokens
+        if self.attend_source_events:
+            events = [n.node.metadata for n in sources if n.node.metadata["memory"] == "event"]
+            options["recall"] = [metadata["event_id"] for metadata in events]
         with _query_lock(self._session):
             self._rewind()
             if self.answer_prefix:
