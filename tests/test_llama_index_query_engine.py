@@ -69,6 +69,21 @@ def test_every_layer_attends_the_source_events_while_answering(llm, docs):
     assert not all(sources <= set(layer._selection) for layer in session.layers)
 
 
+def test_quoted_source_events_are_read_before_the_question(llm, docs):
+    engine = EpisodicQueryEngine.from_documents(
+        docs, llm=llm, similarity_top_k=2, quote_source_events=True, show_progress=False
+    )
+    session = llm.engine.session(engine.session_id)
+    documents_end = len(session.text)
+    response = engine.query("What did Mrs. Bennet say about Netherfield?")
+    after = session.text[documents_end:]
+    _, quoted = after.split("What did Mrs. Bennet say about Netherfield?")[0].split("Passages:")
+    for source in response.source_nodes:
+        if source.node.metadata["memory"] == "event":
+            assert " ".join(source.node.text.split()) in " ".join(quoted.split())
+    assert engine.query("What did Mrs. Bennet say about Netherfield?").response == response.response
+
+
 def test_documents_are_read_once_per_session(llm, docs):
     first = EpisodicQueryEngine.from_documents(docs, llm=llm, show_progress=False)
     session = llm.engine.session(first.session_id)

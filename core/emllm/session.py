@@ -418,9 +418,14 @@ class Session:
                 )
             return infos
 
+    def event_span(self, event_id: int) -> tuple[int, int]:
+        """(char_start, char_end) of one event in `text`."""
+        start, stop = self.timeline.events[event_id]
+        return self._char_start[start], self._char_end[stop - 1]
+
     def _span_fields(self, event_id: int) -> dict:
         start, stop = self.timeline.events[event_id]
-        char_start, char_end = self._char_start[start], self._char_end[stop - 1]
+        char_start, char_end = self.event_span(event_id)
         return dict(
             event_id=event_id,
             token_start=start,

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_QUESTION_TEMPLATE = "\n\n{query_str}"
 DOCUMENT_SEPARATOR = "\n\n"
+QUOTE_HEADER = "\n\nPassages:"  # quote_source_events: the passages follow, one per line
 PIECE_TOKENS = 2048  # documents are fed in pieces of about this many tokens (one progress-bar step each)
 
 _LOCKS: weakref.WeakKeyDictionary[emllm.Session, threading.Lock] = weakref.WeakKeyDictionary()
@@ -78,6 +79,11 @@ class EpisodicQueryEngine(CustomQueryEngine):
         default=True,
         description="Every layer attends the source events while answering, ahead of the events it "
         "retrieves itself (False: the attention's own retrieval alone, as in the paper).",
+    )
+    quote_source_events: bool = Field(
+        default=False,
+        description="Also quote the source events (with their neighbours in time) as text right before "
+        "the question, so the model reads them in order inside its local window.",
     )
     streaming: bool = Field(default=False, description="Answer with a StreamingResponse.")
     question_template: str = Field(
@@ -177,23 +183,42 @@ class EpisodicQueryEngine(CustomQueryEngine):
         answer = iterate_in_thread(lambda: self._answer(query_str, nodes))
         return AsyncStreamingResponse(answer, source_nodes=nodes, metadata=self._metadata())
 
-    def _prompt(self, query: str) -> str:
-        """What follows the documents: the question, the end of the user turn, the answer's start."""
+    def _prompt(self, query: str, quoted: str = "") -> str:
+        """What follows the documents: quoted passages, the question, the end of the user turn, the
+        answer's start."""
         question = self.question_template.format(query_str=query)
-        return question + self._manifest.question_suffix + self.answer_prefix
+        return quoted + question + self._manifest.question_suffix + self.answer_prefix
+
+    def _quote(self, event_ids: list[int]) -> str:
+        """The source events and their neighbours in time, as passages in the order of the text."""
+        if not event_ids:
+            return ""
+        session = self._session
+        count = len(session.timeline.events)
+        chosen = sorted({e + d for e in event_ids for d in (-1, 0, 1) if 0 <= e + d < count})
+        runs: list[list[int]] = []
+        for event in chosen:
+            if runs and event == runs[-1][-1] + 1:
+                runs[-1].append(event)
+            else:
+                runs.append([event])
+        spans = [(session.event_span(run[0])[0], session.event_span(run[-1])[1]) for run in runs]
+        passages = [" ".join(session.text[start:end].split()) for start, end in spans]
+        return QUOTE_HEADER + "".join(f"\n- {passage}" for passage in passages)
 
     def _answer(self, query: str, sources: list[NodeWithScore]) -> Iterator[str]:
         options = self.llm.generation_options()
         if self.max_new_tokens is not None:
             options["max_new_tokens"] = self.max_new_tokens
+        events = [n.node.metadata["event_id"] for n in sources if n.node.metadata["memory"] == "event"]
         if self.attend_source_events:
-            events = [n.node.metadata for n in sources if n.node.metadata["memory"] == "event"]
-            options["recall"] = [metadata["event_id"] for metadata in events]
+            options["recall"] = events
         with _query_lock(self._session):
             self._rewind()
+            quoted = self._quote(events) if self.quote_source_events else ""
             if self.answer_prefix:
                 yield self.answer_prefix
-            yield from self._session.stream(self._prompt(query), **options)
+            yield from self._session.stream(self._prompt(query, quoted), **options)
 
     def _rewind(self) -> None:
         """Cut the previous question and answer away: the session ends with the documents again."""
