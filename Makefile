@@ -29,7 +29,7 @@ test: $(STAMP)  ## run all tests (unit tests on tiny random models, then the slo
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)  ## unit tests only (no real model)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not long"
 
 lint: $(STAMP)  ## ruff check
 	$(VENV)/bin/ruff check core triton_kernels emllm_integrations tests benchmarks
