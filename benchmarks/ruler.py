@@ -33,10 +33,8 @@ import time
 import zlib
 from pathlib import Path
 
-from report import machine, replace_section
+from report import ROOT, add_output_arguments, machine, outputs, replace_section
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
 AUSTEN = ROOT / "benchmarks" / "data" / "austen_pride_and_prejudice.txt"
 SECTION = "## RULER-style synthetic tasks"
 MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to fp32)"
@@ -327,27 +325,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--samples", type=int, default=2, help="samples per (task, haystack, length)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per sample")
-    parser.add_argument(
-        "--results-dir",
-        type=Path,
-        default=DEFAULT_RESULTS,
-        help="where results go; anything but the default also receives the docs section and "
-        "plot (for trial runs that must not touch docs/)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch threads per sample (default: torch's own); 1 is far faster on a busy machine, where "
-        "OpenMP threads spin-wait for each other",
-    )
+    add_output_arguments(parser)
     parser.add_argument("--summarise-only", action="store_true")
     parser.add_argument("--sample", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sample:
         _sample_main(args.sample, args.threads)
         return
-    out = args.results_dir.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out, doc, images = outputs(args.results_dir)
     samples_path = out / "ruler.samples.jsonl"
     if not args.summarise_only:
         run_plan(
@@ -361,9 +346,7 @@ def main() -> None:
     commands = _commands(summary_path, command.strip(), record=not args.summarise_only)
     summary = summarise(samples_path, commands, args.threads)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    official = out == DEFAULT_RESULTS.resolve()
-    doc = ROOT / "docs" / "benchmarks.md" if official else out / "benchmarks.md"
-    plot = (ROOT / "docs" / "img" if official else out / "img") / "ruler.png"
+    plot = images / "ruler.png"
     if summary["rows"]:
         write_plot(summary, plot)
     write_doc(summary, doc, plot if summary["rows"] else None)
