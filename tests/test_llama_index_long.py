@@ -15,7 +15,7 @@ from emllm_integrations.llama_index import EMLLM, EpisodicQueryEngine
 pytestmark = pytest.mark.long
 
 NOVEL = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "austen_pride_and_prejudice.txt"
-NOVEL_TOKENS = 52_000
+NOVEL_TOKENS = 56_000  # fill_to_tokens estimates from the opening pages; the session must hold > 50k
 FACT = "\n\nThe secret code of the Longbourn library is 73914. Remember it. 73914 is the secret code.\n\n"
 QUESTION = "What is the secret code of the Longbourn library?"
 

@@ -567,3 +567,20 @@ def test_logits_processor_constrains_every_step(engine) -> None:
     out = session.generate(PROMPT, max_new_tokens=8, logits_processor=only_a_or_b)
     assert len(out) == 8 and set(out) <= {"a", "b"}
     assert seen_lengths == list(range(8))
+
+
+def test_passages_and_quote_give_events_with_their_neighbours_in_time_order(engine) -> None:
+    session = engine.session("passages")
+    session.feed(prose(900, seed=7))
+    events = session.events()
+    assert len(events) >= 8
+
+    def text(first: int, last: int) -> str:
+        return " ".join(session.text[events[first].char_start : events[last].char_end].split())
+
+    assert session.passages([5]) == [text(4, 6)]
+    assert session.passages([6, 2], neighbours=0) == [text(2, 2), text(6, 6)]  # time order
+    assert session.passages([2, 4]) == [text(1, 5)]  # overlapping neighbourhoods merge
+    assert session.passages([0, len(events) - 1]) == [text(0, 1), text(len(events) - 2, len(events) - 1)]
+    assert session.quote([5]) == "\n\nPassages:\n- " + text(4, 6)
+    assert session.quote([]) == ""

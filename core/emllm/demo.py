@@ -1,5 +1,6 @@
 """`emllm demo`: read a ~20k-token novel excerpt with a planted fact, answer a question about it from
-episodic memory, and show the events retrieved and the memory figures."""
+episodic memory twice (each layer's own retrieval, as in the paper; then the events retrieved for the
+question attended and quoted), and show the events retrieved and the memory figures."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from .config import EMLLMConfig
 from .engine import EMLLM
 from .models import DEFAULT_MODEL
 from .tasks import demo_text, planted_fact_probe
+
+RECALLED_EVENTS = 8  # events retrieved for the question, quoted with their neighbours
 
 
 def _mb(n_bytes: int) -> str:
@@ -48,18 +51,9 @@ def run_demo(model: str = DEFAULT_MODEL, config: EMLLMConfig | None = None, max_
     )
 
     question = "What is the secret code of the Longbourn library?"
-    _say(
-        f"\nQ: {question}\nA: The secret code is",
-    )
-    start = time.perf_counter()
-    answer = ""
-    for piece in session.stream(probe.question, max_new_tokens=max_new_tokens, stop=["\n"]):
-        answer += piece
-        print(piece, end="", flush=True)
-    _say(f"\n({time.perf_counter() - start:.1f} s)")
-
-    _say("\nevents retrieved for the question (scored by every layer's keys):")
-    for hit in session.retrieve(question, k=3):
+    hits = session.retrieve(question, k=RECALLED_EVENTS)
+    _say(f"\nevents retrieved for the question (top 3 of {len(hits)}, scored by every layer's keys):")
+    for hit in hits[:3]:
         snippet = textwrap.shorten(" ".join(hit.text.split()), 110)
         mark = "  <- the planted fact" if probe.answer in hit.text else ""
         _say(
@@ -67,6 +61,14 @@ def run_demo(model: str = DEFAULT_MODEL, config: EMLLMConfig | None = None, max_
             f"score {hit.score:5.2f}"
             f"  {snippet}{mark}"
         )
+
+    read = len(session.token_ids)
+    _say(f"\nQ: {question}")
+    plain = _answer(session, probe.question, max_new_tokens, "each layer's own retrieval (the paper's)")
+    session.truncate(read)  # the same memory for the second answer
+    recalled = [hit.event_id for hit in hits]
+    prompt = session.quote(recalled) + probe.question
+    answer = _answer(session, prompt, max_new_tokens, "those events attended and quoted", recalled)
 
     stats = session.stats()
     full_kv = (
@@ -76,9 +78,22 @@ def run_demo(model: str = DEFAULT_MODEL, config: EMLLMConfig | None = None, max_
     _say(f"  device tier (window, init, cache): {_mb(stats.device_bytes)}")
     _say(f"  CPU tier ({stats.events} events, {cfg.offload_dtype}): {_mb(stats.cpu_bytes)}")
     _say(f"  a full-attention KV cache of the same text: {_mb(full_kv)}")
-    correct = probe.is_correct(answer)
-    _say(f"\nanswer {'contains' if correct else 'does NOT contain'} the planted fact ({probe.answer}).")
-    return correct
+    for label, text in (("paper's retrieval", plain), ("events attended and quoted", answer)):
+        verdict = "contains" if probe.is_correct(text) else "does NOT contain"
+        _say(f"answer with {label}: {verdict} the planted fact ({probe.answer})")
+    return probe.is_correct(answer)
+
+
+def _answer(session, prompt: str, max_new_tokens: int, how: str, recall: list[int] | None = None) -> str:
+    """Stream one answer to `prompt` (its text ends with the answer's opening words)."""
+    _say(f"A ({how}): The secret code is")
+    start = time.perf_counter()
+    answer = ""
+    for piece in session.stream(prompt, max_new_tokens=max_new_tokens, stop=["\n"], recall=recall or ()):
+        answer += piece
+        print(piece, end="", flush=True)
+    _say(f"\n({time.perf_counter() - start:.1f} s)")
+    return answer
 
 
 if __name__ == "__main__":

@@ -418,6 +418,27 @@ class Session:
                 )
             return infos
 
+    def passages(self, event_ids: Sequence[int], neighbours: int = 1) -> list[str]:
+        """The text of these events, each widened by `neighbours` events either side, adjacent ones merged,
+        in time order, whitespace collapsed: retrieved memory to quote in a prompt."""
+        count = len(self.timeline.events)
+        chosen = sorted(
+            {e + d for e in event_ids for d in range(-neighbours, neighbours + 1) if 0 <= e + d < count}
+        )
+        runs: list[list[int]] = []
+        for event in chosen:
+            if runs and event == runs[-1][-1] + 1:
+                runs[-1].append(event)
+            else:
+                runs.append([event])
+        spans = [(self.event_span(run[0])[0], self.event_span(run[-1])[1]) for run in runs]
+        return [" ".join(self.text[start:end].split()) for start, end in spans]
+
+    def quote(self, event_ids: Sequence[int], neighbours: int = 1) -> str:
+        """`passages` as prompt text ("\\n\\nPassages:" then one "- passage" line each); "" for no events."""
+        passages = self.passages(event_ids, neighbours)
+        return "\n\nPassages:" + "".join(f"\n- {passage}" for passage in passages) if passages else ""
+
     def event_span(self, event_id: int) -> tuple[int, int]:
         """(char_start, char_end) of one event in `text`."""
         start, stop = self.timeline.events[event_id]

@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_QUESTION_TEMPLATE = "\n\n{query_str}"
 DOCUMENT_SEPARATOR = "\n\n"
-QUOTE_HEADER = "\n\nPassages:"  # quote_source_events: the passages follow, one per line
 PIECE_TOKENS = 2048  # documents are fed in pieces of about this many tokens (one progress-bar step each)
 
 _LOCKS: weakref.WeakKeyDictionary[emllm.Session, threading.Lock] = weakref.WeakKeyDictionary()
@@ -189,23 +188,6 @@ class EpisodicQueryEngine(CustomQueryEngine):
         question = self.question_template.format(query_str=query)
         return quoted + question + self._manifest.question_suffix + self.answer_prefix
 
-    def _quote(self, event_ids: list[int]) -> str:
-        """The source events and their neighbours in time, as passages in the order of the text."""
-        if not event_ids:
-            return ""
-        session = self._session
-        count = len(session.timeline.events)
-        chosen = sorted({e + d for e in event_ids for d in (-1, 0, 1) if 0 <= e + d < count})
-        runs: list[list[int]] = []
-        for event in chosen:
-            if runs and event == runs[-1][-1] + 1:
-                runs[-1].append(event)
-            else:
-                runs.append([event])
-        spans = [(session.event_span(run[0])[0], session.event_span(run[-1])[1]) for run in runs]
-        passages = [" ".join(session.text[start:end].split()) for start, end in spans]
-        return QUOTE_HEADER + "".join(f"\n- {passage}" for passage in passages)
-
     def _answer(self, query: str, sources: list[NodeWithScore]) -> Iterator[str]:
         options = self.llm.generation_options()
         if self.max_new_tokens is not None:
@@ -215,7 +197,7 @@ class EpisodicQueryEngine(CustomQueryEngine):
             options["recall"] = events
         with _query_lock(self._session):
             self._rewind()
-            quoted = self._quote(events) if self.quote_source_events else ""
+            quoted = self._session.quote(events) if self.quote_source_events else ""
             if self.answer_prefix:
                 yield self.answer_prefix
             yield from self._session.stream(self._prompt(query, quoted), **options)
