@@ -15,6 +15,7 @@ from llama_index.core import Document
 from emllm_integrations.llama_index import EMLLM, EpisodicQueryEngine
 
 pytestmark = [
+    pytest.mark.slow,  # so that -m "not slow" (which replaces the configured -m "not long") leaves it out too
     pytest.mark.long,
     pytest.mark.xfail(
         strict=True,
