@@ -34,6 +34,9 @@ def test_defaults_are_valid() -> None:
         ({"refinement_layers": (2, 2)}, ["refinement_layers", "(2, 2)"]),
         ({"refinement_layers": (-1, 2)}, ["refinement_layers", "(-1, 2)"]),
         ({"refinement_layers": (1, 2, 3)}, ["refinement_layers"]),
+        ({"recall_layers": (3, 1)}, ["recall_layers", "(3, 1)"]),
+        ({"question_recall": -1}, ["question_recall"]),
+        ({"memory_positions": "relative"}, ["memory_positions"]),
         ({"n_locl": 512}, ["n_locl", "Extra inputs are not permitted"]),
         ({"segmentation": "tiling"}, ["segmentation", "surprise"]),
         ({"offload_dtype": "float8"}, ["offload_dtype"]),
@@ -111,6 +114,17 @@ def test_check_against_model() -> None:
             config.check_against_model(limit, "tiny")
 
 
+def test_check_against_model_with_ordered_memory() -> None:
+    """Ordered memory puts init + retrieved + window + chunk in one line of positions: all must fit."""
+    config = EMLLMConfig(
+        n_init=4, n_mem=48, n_local=64, chunk_size=16, max_event_size=16, memory_positions="ordered"
+    )
+    assert config.position_span == 4 + 48 + 64 + 16
+    config.check_against_model(132, "tiny")
+    with pytest.raises(ConfigError, match=r"n_init \+ n_mem \+ n_local \+ chunk_size = 132 .*tiny.*\(131"):
+        config.check_against_model(131, "tiny")
+
+
 def test_engine_refuses_a_window_beyond_the_trained_context(make_engine) -> None:
     with pytest.raises(ConfigError, match="trained context"):
         make_engine(model=tiny_model("llama", max_positions=64), n_local=64, chunk_size=16)
@@ -122,3 +136,5 @@ def test_refinement_band() -> None:
     assert EMLLMConfig().refinement_band(8) == range(4, 8)
     assert EMLLMConfig(refinement_layers=(1, 3)).refinement_band(8) == range(1, 3)
     assert EMLLMConfig(refinement_layers=(6, 12)).refinement_band(8) == range(6, 8)
+    assert EMLLMConfig().recall_band(30) == range(15, 30)
+    assert EMLLMConfig(recall_layers=(2, 5)).recall_band(8) == range(2, 5)

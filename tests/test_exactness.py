@@ -111,3 +111,39 @@ def test_truncate_in_window_then_forward_matches_reference(pair) -> None:
     got = session.forward(branch)
     assert session.token_ids == ids[:50] + branch
     assert_logits_close(got, reference_logits(reference, ids[:50] + branch)[50:], "after truncate")
+
+
+# memory_positions="ordered" with a budget that holds every event: init + all events (in time order, at
+# their true distances) + window is the whole history, so episodic attention is full attention again.
+ALL_RECALLED = dict(
+    n_init=4,
+    n_local=64,
+    n_mem=512,
+    chunk_size=16,
+    min_event_size=4,
+    max_event_size=16,
+    memory_positions="ordered",
+    offload_dtype="float32",
+)
+
+
+def test_ordered_memory_holding_every_event_is_full_attention(pair) -> None:
+    build, reference = pair
+    ids = random_ids(200, seed=9)
+    session = build(**ALL_RECALLED).session("s")
+    got = session.forward(ids[:190])
+    assert len(session.timeline.events) >= 8, "the test must evict: most of the history sits in events"
+    assert_logits_close(got, reference_logits(reference, ids[:190]), "ordered prefill over events")
+    for i in range(190, 200):
+        step = session.forward([ids[i]])
+        assert_logits_close(step, reference_logits(reference, ids[: i + 1])[-1:], f"ordered decode {i}")
+
+
+def test_fixed_memory_holding_every_event_is_not_full_attention(pair) -> None:
+    """The control: the paper's scheme puts every memory key at one distance, so the same budget and text
+    give different logits (what the ordered test above proves is the positions, not the budget)."""
+    build, reference = pair
+    ids = random_ids(190, seed=9)
+    session = build(**{**ALL_RECALLED, "memory_positions": "fixed"}).session("s")
+    diff = (session.forward(ids) - reference_logits(reference, ids)).abs().max()
+    assert diff > 10 * ATOL, f"fixed positions gave full attention's logits (max diff {diff:.3g})"

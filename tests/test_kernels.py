@@ -393,8 +393,9 @@ def test_launch_refuses_a_kernel_compiled_for_another_device() -> None:
 ENGINE_FIELDS = dict(n_init=4, n_local=64, n_mem=48, chunk_size=16, min_event_size=4, max_event_size=16)
 
 
-def _run_engine(model, kernels: str, ids: list[int]):
-    engine = EMLLM(model, ByteTokenizer(), EMLLMConfig(**ENGINE_FIELDS, kernels=kernels))
+def _run_engine(model, kernels: str, ids: list[int], memory_positions: str):
+    config = EMLLMConfig(**ENGINE_FIELDS, kernels=kernels, memory_positions=memory_positions)
+    engine = EMLLM(model, ByteTokenizer(), config)
     session = engine.session("s")
     logits = session.forward(ids)
     generated = session.generate(max_new_tokens=4)
@@ -402,16 +403,19 @@ def _run_engine(model, kernels: str, ids: list[int]):
     return session, logits, generated, hits
 
 
-def test_engine_kernels_equal_torch_path(run) -> None:
+@pytest.mark.parametrize("memory_positions", ["fixed", "ordered"])
+def test_engine_kernels_equal_torch_path(run, memory_positions) -> None:
     """Prefill with eviction and retrieval, greedy decoding and retrieval probes: same numbers either way."""
-    run(_check_engine_equivalence)
+    run(_check_engine_equivalence, memory_positions)
 
 
-def _check_engine_equivalence() -> None:
+def _check_engine_equivalence(memory_positions: str) -> None:
     model = tiny_model(seed=3).to(DEVICE)
     ids = torch.randint(0, 256, (150,), generator=torch.Generator().manual_seed(0)).tolist()
-    torch_session, torch_logits, torch_text, torch_hits = _run_engine(copy.deepcopy(model), "torch", ids)
-    kernel_session, kernel_logits, kernel_text, kernel_hits = _run_engine(model, "triton", ids)
+    torch_run = _run_engine(copy.deepcopy(model), "torch", ids, memory_positions)
+    torch_session, torch_logits, torch_text, torch_hits = torch_run
+    kernel_run = _run_engine(model, "triton", ids, memory_positions)
+    kernel_session, kernel_logits, kernel_text, kernel_hits = kernel_run
     assert all(layer.use_kernels for layer in kernel_session.layers)
     assert not any(layer.use_kernels for layer in torch_session.layers)
     assert kernel_session.timeline.events, "nothing was evicted: retrieval was not exercised"

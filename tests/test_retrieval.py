@@ -276,3 +276,83 @@ def test_recalled_events_are_attended_by_every_layer_for_one_call(make_engine) -
         session.generate("more", recall=[events + 100])
     assert session.token_ids == tokens  # refused before reading anything
 
+
+# ---------------------------------------------------------------- question recall
+
+
+def _session_with_events(make_engine, **fields):
+    engine = make_engine(**{"n_mem": 64, "contiguity_ratio": 0.0, **fields})
+    session = engine.session("question-recall")
+    ids = torch.randint(0, 256, (240,), generator=torch.Generator().manual_seed(7)).tolist()
+    session.feed(ids[:200])
+    assert len(session.timeline.events) >= 6
+    return session, ids[200:216]  # one chunk: nothing is read between the probe and the question
+
+
+def test_question_recall_makes_every_layer_attend_the_questions_top_events(make_engine) -> None:
+    session, question = _session_with_events(make_engine, question_recall=3)
+    expected = torch.topk(session._rank_events(question), 3).indices.tolist()  # a probe: stores nothing
+    computed = session.stats().tokens_computed
+    session.generate(question, max_new_tokens=1)
+    for layer in session.layers:
+        assert set(expected) <= set(layer._selection), f"layer {layer.layer_idx}: {layer._selection}"
+    assert session.stats().tokens_computed == computed + len(question)  # the probe computed no token
+    assert session._recall == ()  # for that call only
+
+
+def test_question_recall_zero_is_each_layers_own_retrieval(make_engine) -> None:
+    """Off (config or per call), the question's probe never runs and layers keep their own selections."""
+    session, question = _session_with_events(make_engine, question_recall=0)
+    twin, _ = _session_with_events(make_engine, question_recall=3)
+    probes = []
+    twin._rank_events = lambda ids: probes.append(ids) or torch.zeros(len(twin.timeline.events))
+    assert session.generate(question, max_new_tokens=3) == twin.generate(
+        question, max_new_tokens=3, question_recall=0
+    )
+    assert probes == []
+    assert [layer._selection for layer in session.layers] == [layer._selection for layer in twin.layers]
+
+
+def test_question_recall_refuses_a_negative_count_without_reading(make_engine) -> None:
+    session, question = _session_with_events(make_engine)
+    tokens = list(session.token_ids)
+    with pytest.raises(ValueError, match="question_recall"):
+        session.generate(question, question_recall=-1)
+    assert session.token_ids == tokens
+
+
+def test_question_recall_without_events_reads_as_usual(make_engine) -> None:
+    engine = make_engine(question_recall=4)
+    session = engine.session("short")
+    session.generate(list(range(40, 60)), max_new_tokens=2)
+    assert session.timeline.events == [] and session._recall == ()
+
+
+def test_event_ranking_standardises_and_averages_the_recall_band(make_engine) -> None:
+    """_rank_events averages per-layer standardised scores over recall_layers only (the layers' scores
+    are fixed here, so the combination is what is tested)."""
+    session, question = _session_with_events(make_engine)
+    count = len(session.timeline.events)
+    gen = torch.Generator().manual_seed(8)
+    fixed = {0: torch.randn(count, generator=gen) * 50 + 7, 1: torch.randn(count, generator=gen)}
+
+    def fake_run_model(ids, context, all_logits):
+        assert context.probe
+        context.probe_scores.update(fixed)
+
+    engine = session.engine
+    engine.run_model = fake_run_model
+
+    def standardised(x):
+        return (x - x.mean()) / x.std()
+
+    for band, want in (
+        ((1, 2), standardised(fixed[1])),
+        ((0, 1), standardised(fixed[0])),
+        ((0, 2), (standardised(fixed[0]) + standardised(fixed[1])) / 2),
+        ((5, 9), (standardised(fixed[0]) + standardised(fixed[1])) / 2),  # past the model: every layer
+    ):
+        engine.config = engine.config.model_copy(update={"recall_layers": band})
+        assert torch.allclose(session._rank_events(question), want, atol=1e-5), band
+    engine.config = engine.config.model_copy(update={"recall_layers": None})  # the upper half
+    assert torch.allclose(session._rank_events(question), standardised(fixed[1]), atol=1e-5)

@@ -77,6 +77,19 @@ class EMLLMConfig(BaseModel):
         lt=1.0,
         description="Share of n_mem reserved for the temporal neighbours of the top events.",
     )
+    question_recall: int = Field(
+        default=16,
+        ge=0,
+        description="Events a prompt's question recalls in every layer: before the end of a prompt is "
+        "attended, it is run once as a probe, and the events the recall_layers rank highest (scores "
+        "standardised per layer, then averaged) are attended first by every layer, ahead of each layer's own "
+        "retrieval (0 = off: every layer retrieves alone, as in the paper).",
+    )
+    recall_layers: tuple[int, int] | None = Field(
+        default=None,
+        description="Layer band [start, stop) whose scores rank events for question_recall and "
+        "Session.retrieve; None = the upper half.",
+    )
     decode_retrieval_interval: int = Field(
         default=16,
         ge=1,
@@ -96,6 +109,13 @@ class EMLLMConfig(BaseModel):
         ge=0,
         description="Event blocks per layer kept on the compute device in compute dtype (LRU); "
         "None = 256 on an accelerator, 0 on CPU (where the CPU tier is already the compute device).",
+    )
+    memory_positions: Literal["fixed", "ordered"] = Field(
+        default="fixed",
+        description="Where init and retrieved keys sit for the queries: 'fixed' = every one at the same "
+        "distance, memory_distance (the paper's scheme: memory is a bag of keys without order); 'ordered' = "
+        "in time order right before the local window, as if the retrieved text were contiguous, so word "
+        "order inside and between events is kept (distances reach n_init + n_mem + n_local + chunk_size).",
     )
     kernels: Literal["auto", "triton", "torch"] = Field(
         default="auto",
@@ -123,13 +143,10 @@ class EMLLMConfig(BaseModel):
             )
         if self.block_size > self.n_local:
             raise ValueError(f"block_size ({self.block_size}) must not exceed n_local ({self.n_local})")
-        if self.refinement_layers is not None:
-            start, stop = self.refinement_layers
-            if not 0 <= start < stop:
-                raise ValueError(
-                    "refinement_layers must be [start, stop) with 0 <= start < stop, "
-                    f"got {self.refinement_layers}"
-                )
+        for name in ("refinement_layers", "recall_layers"):
+            band = getattr(self, name)
+            if band is not None and not 0 <= band[0] < band[1]:
+                raise ValueError(f"{name} must be [start, stop) with 0 <= start < stop, got {band}")
         return self
 
     @property
@@ -142,6 +159,13 @@ class EMLLMConfig(BaseModel):
         return self.n_local + self.chunk_size
 
     @property
+    def position_span(self) -> int:
+        """Rotary positions the attention uses: one more than the largest query-key distance."""
+        if self.memory_positions == "ordered":
+            return self.n_init + self.n_mem + self.n_local + self.chunk_size
+        return self.memory_distance + 1
+
+    @property
     def effective_surprise_window(self) -> int:
         return self.surprise_window if self.surprise_window is not None else self.n_local
 
@@ -151,19 +175,23 @@ class EMLLMConfig(BaseModel):
         return 0 if device_type == "cpu" else 256
 
     def refinement_band(self, num_layers: int) -> range:
-        if self.refinement_layers is None:
-            return range(num_layers // 2, num_layers)
-        start, stop = self.refinement_layers
-        return range(min(start, num_layers), min(stop, num_layers))
+        return _layer_band(self.refinement_layers, num_layers)
+
+    def recall_band(self, num_layers: int) -> range:
+        return _layer_band(self.recall_layers, num_layers)
 
     def check_against_model(self, max_position_embeddings: int | None, model_name: str) -> None:
         """Refuse a window whose positions would leave the model's trained range."""
         if max_position_embeddings is None:
             return
-        if self.memory_distance >= max_position_embeddings:
+        if self.position_span > max_position_embeddings:
+            if self.memory_positions == "ordered":
+                used = f"n_init + n_mem + n_local + chunk_size = {self.position_span}"
+            else:
+                used = f"n_local + chunk_size = {self.memory_distance}"
             msg = (
-                f"n_local + chunk_size = {self.memory_distance} reaches {model_name}'s trained context "
-                f"({max_position_embeddings} positions); choose a smaller window"
+                f"{used} reaches {model_name}'s trained context ({max_position_embeddings} positions); "
+                "choose a smaller window"
             )
             raise ConfigError(msg)
 
@@ -175,6 +203,14 @@ class EMLLMConfig(BaseModel):
             msg = f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}"
             raise ConfigError(msg)
         return cls(**{**PRESETS[key], **overrides})
+
+
+def _layer_band(band: tuple[int, int] | None, num_layers: int) -> range:
+    """[start, stop) clipped to the model's layers; None = the upper half (where retrieval is sharpest)."""
+    if band is None:
+        return range(num_layers // 2, num_layers)
+    start, stop = band
+    return range(min(start, num_layers), min(stop, num_layers))
 
 
 _AUTHORS_8B = dict(n_init=128, n_local=4096, n_mem=2048, chunk_size=512, repr_topk=4, gamma=1.0)

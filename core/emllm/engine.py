@@ -67,7 +67,7 @@ class EMLLM:
             text_config.hidden_size // text_config.num_attention_heads
         )
         self.max_position_embeddings = getattr(text_config, "max_position_embeddings", None)
-        self.rotary = RotaryTable(find_rotary_embedding(model), self.config.memory_distance + 1, self.device)
+        self.rotary = RotaryTable(find_rotary_embedding(model), self.config.position_span, self.device)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._forward_lock = threading.Lock()
         self._sessions: dict[str, Session] = {}

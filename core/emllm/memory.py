@@ -126,7 +126,7 @@ class LayerMemory:
             return self._attend_fused(q, q_local, k, k_local, v, scale, ctx, global_kv, single)
         parts = []
         if global_kv is not None:
-            q_mem = rotary.rotate_at(q, ctx.config.memory_distance)
+            q_mem = self._memory_queries(q, window, global_kv[0].shape[2], ctx)
             parts.append(attend_grouped(q_mem, *global_kv, scale))
         local = self.length
         if local:
@@ -154,7 +154,7 @@ class LayerMemory:
         if global_kv is None:
             q_mem, global_kv = q_local, (keys[:, :, :0], values[:, :, :0])
         else:
-            q_mem = ctx.rotary.rotate_at(q, ctx.config.memory_distance)
+            q_mem = self._memory_queries(q, window, global_kv[0].shape[2], ctx)
         out, lse = episodic_attention(q_mem, q_local, *global_kv, keys, values, scale, window)
         if ctx.probe:
             return out
@@ -165,14 +165,23 @@ class LayerMemory:
             self._append(k, k_local, v, mass)
         return out
 
+    @staticmethod
+    def _memory_queries(q: torch.Tensor, window: int, num_global: int, ctx: ChunkContext) -> torch.Tensor:
+        """q (1,Hq,c,D) raw, rotated for the global part. 'fixed': every query at memory_distance from the
+        init and retrieved keys (all at position 0). 'ordered': the global keys hold positions
+        0..num_global-1, so the chunk's queries sit after them and the window, at num_global + window + i."""
+        if ctx.config.memory_positions == "ordered":
+            return ctx.rotary.rotate(q, num_global + window)
+        return ctx.rotary.rotate_at(q, ctx.config.memory_distance)
+
     def _global_kv(self, q: torch.Tensor, ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Init + retrieved events (keys at position 0), re-selected when ctx.retrieve is set."""
         num_events = len(self.events_k)
         if num_events == 0 or self.config.n_mem == 0:
-            return (self.init_k, self.init_v) if self.init_k.shape[2] else None
+            return self._positioned(self.init_k, self.init_v, ctx) if self.init_k.shape[2] else None
         if not (ctx.retrieve or ctx.probe) and self._selection is not None:
             if self._global is None:  # a reopened session: its last selection is read back on first use
-                self._global = self._gather(self._selection)
+                self._global = self._gather(self._selection, ctx)
             return self._global
         query = self._retrieval_query(q, ctx).to(q.dtype)  # (1,Hq,D)
         q_mem_mean = ctx.rotary.rotate_at(query, ctx.config.memory_distance)
@@ -189,7 +198,7 @@ class LayerMemory:
         selection = tuple(chosen.tolist())
         if selection == self._selection and self._global is not None:
             return self._global
-        global_kv = self._gather(selection)
+        global_kv = self._gather(selection, ctx)
         if not ctx.probe:
             self._selection, self._global = selection, global_kv
         return global_kv
@@ -221,10 +230,20 @@ class LayerMemory:
             return q.float().mean(dim=2)
         return self._query_sum / self._query_count
 
-    def _gather(self, selection: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, selection: tuple[int, ...], ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Init + the selected events (time order) on the device, keys positioned for the global part."""
         blocks = [self._event_on_device(i) for i in selection]
         keys = torch.cat([self.init_k, *(b[0] for b in blocks)], dim=2)
         values = torch.cat([self.init_v, *(b[1] for b in blocks)], dim=2)
+        return self._positioned(keys, values, ctx)
+
+    @staticmethod
+    def _positioned(
+        keys: torch.Tensor, values: torch.Tensor, ctx: ChunkContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw global keys (1,Hkv,G,D) at position 0 ('fixed') or at positions 0..G-1 ('ordered')."""
+        if ctx.config.memory_positions == "ordered":
+            keys = ctx.rotary.rotate(keys, 0)
         return keys, values
 
     def _event_on_device(self, event_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -288,6 +288,7 @@ class Session:
         *,
         logits_processor: LogitsProcessor | None = None,
         recall: Sequence[int] = (),
+        question_recall: int | None = None,
         **options,
     ) -> str:
         """Continue the session (after reading `prompt`, if given); returns the generated text.
@@ -298,8 +299,18 @@ class Session:
         `recall`: event ids that every layer attends, ahead of the events it retrieves itself, while
         this call reads the prompt and generates (e.g. the hits of `retrieve(question)`; with their
         temporal neighbours, within the n_mem budget).
+        `question_recall`: events the end of the prompt recalls in every layer, after `recall`
+        (None = the config's `question_recall`; 0 = none, each layer retrieves alone as in the paper).
         """
-        return "".join(self.stream(prompt, logits_processor=logits_processor, recall=recall, **options))
+        return "".join(
+            self.stream(
+                prompt,
+                logits_processor=logits_processor,
+                recall=recall,
+                question_recall=question_recall,
+                **options,
+            )
+        )
 
     def stream(
         self,
@@ -307,13 +318,18 @@ class Session:
         *,
         logits_processor: LogitsProcessor | None = None,
         recall: Sequence[int] = (),
+        question_recall: int | None = None,
         **options,
     ) -> Iterator[str]:
         """Like generate, yielding text pieces as they are decoded."""
         generation = GenerationConfig(**options)
+        if question_recall is None:
+            question_recall = self.engine.config.question_recall
+        elif question_recall < 0:
+            raise ValueError(f"question_recall must be >= 0, got {question_recall}")
         with self._lock, self._recalling(recall):
             with self._rollback_on_error():
-                logits = self._prepare(prompt)
+                logits = self._prepare(prompt, question_recall)
             acc = TextAccumulator(self.engine.tokenizer, generation.stop, self.token_ids)
             generator = None
             if generation.seed is not None:
@@ -356,16 +372,30 @@ class Session:
         finally:
             self._recall = ()
 
-    def _prepare(self, prompt: str | Sequence[int] | None) -> torch.Tensor:
-        """Compute the prompt (its last tokens as their own chunk) and any pending tokens; -> next logits."""
+    def _prepare(self, prompt: str | Sequence[int] | None, question_recall: int) -> torch.Tensor:
+        """Compute the prompt (its last tokens as their own chunk) and any pending tokens; -> next logits.
+
+        With question_recall, the question (the last chunk_size tokens at most) is first run as a probe
+        against memory, once everything before it is read, and its top events join this call's recall.
+        """
         ids = self._add_input(prompt, None) if prompt is not None else []
         todo = self._take_pending() + ids
-        if todo:
-            config = self.engine.config
-            return self._compute(todo, query_tail=min(config.query_chunk, config.chunk_size))
-        if self._last_logprobs is None:
-            raise EmptyInputError("nothing to continue from: give a prompt or feed text first")
-        return self._last_logprobs
+        if not todo:
+            if self._last_logprobs is None:
+                raise EmptyInputError("nothing to continue from: give a prompt or feed text first")
+            return self._last_logprobs
+        config = self.engine.config
+        query_tail = min(config.query_chunk, config.chunk_size)
+        if question_recall == 0 or len(todo) == 1:  # one token: a continuation, not a question
+            return self._compute(todo, query_tail=query_tail)
+        question = todo[-config.chunk_size :]
+        if len(question) < len(todo):
+            self._compute(todo[: -len(question)])
+        if self.timeline.events:
+            ranking = self._rank_events(question)
+            top = torch.topk(ranking, min(question_recall, ranking.numel())).indices.tolist()
+            self._recall = tuple(dict.fromkeys((*self._recall, *top)))
+        return self._compute(question, query_tail=query_tail)
 
     def _decode_pending(self) -> torch.Tensor:
         interval = self.engine.config.decode_retrieval_interval
@@ -377,8 +407,7 @@ class Session:
     def retrieve(self, query: str, k: int = 5) -> list[RetrievalHit]:
         """The k stored events most relevant to `query`, scored by every layer's episodic retrieval.
 
-        Runs the query through the model without storing it; per layer, event scores are standardised,
-        then averaged over layers.
+        Runs the query through the model without storing it; see `_rank_events` for the score.
         """
         if k < 1:
             raise ValueError("k must be at least 1")
@@ -388,18 +417,29 @@ class Session:
                 raise EmptyInputError("cannot retrieve with an empty query")
             if not self.timeline.events:
                 return []
-            context = ChunkContext(
-                self.layers, self.engine.rotary, self.engine.config, self._event_sizes, probe=True
-            )
-            self.engine.run_model(ids, context, all_logits=False)
-            scores = torch.stack([context.probe_scores[i] for i in sorted(context.probe_scores)]).float()
-            std = scores.std(dim=1, keepdim=True).clamp_min(1e-6) if scores.shape[1] > 1 else 1.0
-            combined = ((scores - scores.mean(dim=1, keepdim=True)) / std).mean(dim=0)
+            combined = self._rank_events(ids)
             top = torch.topk(combined, min(k, combined.shape[0]))
             return [
                 RetrievalHit(score=float(s), **self._span_fields(int(i)))
                 for s, i in zip(top.values, top.indices, strict=True)
             ]
+
+    def _rank_events(self, ids: list[int]) -> torch.Tensor:
+        """(E,) how strongly a probe of `ids` recalls each stored event: every layer of the config's
+        recall band scores the events (retrieval.relevance_scores), the scores are standardised per layer,
+        then averaged. The probe runs the model without storing anything.
+
+        Why a band: on SmolLM2-135M the lower layers rank a RULER needle's event in the hundreds while most
+        upper layers rank it first; all 30 layers averaged missed needles that the upper half found.
+        """
+        context = ChunkContext(
+            self.layers, self.engine.rotary, self.engine.config, self._event_sizes, probe=True
+        )
+        self.engine.run_model(ids, context, all_logits=False)
+        band = self.engine.config.recall_band(len(self.layers)) or range(len(self.layers))
+        scores = torch.stack([context.probe_scores[i] for i in band]).float()  # (layers, E)
+        std = scores.std(dim=1, keepdim=True).clamp_min(1e-6) if scores.shape[1] > 1 else 1.0
+        return ((scores - scores.mean(dim=1, keepdim=True)) / std).mean(dim=0)
 
     def events(self) -> list[EventInfo]:
         """Every stored event, oldest first."""
