@@ -2,9 +2,12 @@
 
 Tasks (benchmarks/ruler_tasks.py): niah_single on repeated noise and on Austen, niah_multikey and
 niah_multivalue on Austen, variable tracking (1 chain, 4 hops) on noise; scored with RULER's
-string_match_all. Every method reads the same samples. Each sample runs in its own subprocess and is
-appended to a JSONL log at once, so an interrupted run resumes where it stopped. Aggregates go to
-<results>/ruler.json, a table in docs/benchmarks.md and a plot in docs/img/ruler.png.
+string_match_all. Every method reads the same samples. Each episodic method is answered twice from one
+read: as published (every layer retrieves alone: question_recall=0) and with question recall (`+qr`: the
+question's top events from the upper layers attended first by every layer, the engine's default). Each
+(sample, segmentation) runs in its own subprocess and its rows are appended to a JSONL log at once, so an
+interrupted run resumes where it stopped. Aggregates go to <results>/ruler.json, a table in
+docs/benchmarks.md and a plot in docs/img/ruler.png.
 
 The whole grid (8k-64k, 128k for EM-LLM S only) takes hours on 2 cores, so it runs as several
 commands of one to one and a half hours each, all appending to the same sample log; the docs table
@@ -17,6 +20,8 @@ shows every cell:
     python benchmarks/ruler.py --lengths 131072 --samples 1 --methods emllm_S
     python benchmarks/ruler.py --tasks niah_single:noise vt:noise --lengths 4096 --samples 1 --threads 1 \
         --results-dir /tmp/ruler                                      # a quick trial, docs untouched
+
+`--methods emllm_S` runs emllm_S and emllm_S+qr (one read); name `emllm_S+qr` alone for only that one.
 """
 
 from __future__ import annotations
@@ -38,20 +43,27 @@ from report import ROOT, add_output_arguments, machine, outputs, replace_section
 AUSTEN = ROOT / "benchmarks" / "data" / "austen_pride_and_prejudice.txt"
 SECTION = "## RULER-style synthetic tasks"
 MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to fp32)"
-# Overrides of the smollm2-135m preset (n_init 64, n_local 1024, n_mem 1024, chunk 256); None = full.
-METHODS: dict[str, dict | None] = {
+# Reads: overrides of the smollm2-135m preset (n_init 64, n_local 1024, n_mem 1024, chunk 256); None = full.
+READS: dict[str, dict | None] = {
     "emllm_S": {"refinement": "none"},
     "emllm_SM": {"refinement": "modularity"},
     "emllm_SC": {"refinement": "conductance"},
     "fixed_blocks": {"segmentation": "fixed"},
     "full": None,
 }
+QUESTION_RECALL = "+qr"  # suffix: the same read, answered with the engine's question recall
+METHODS = [*READS, *(read + QUESTION_RECALL for read, overrides in READS.items() if overrides is not None)]
 FULL_ATTENTION_MAX = 16384  # full attention degenerates past the 8k trained context and costs O(n^2)
 ONLY_S_ABOVE = 65536  # DESIGN budget: the 128k rows are EM-LLM (S) only
 
 
-def run_sample(task: str, haystack: str, length: int, index: int, method: str) -> dict:
-    """One sample in this process: build the prompt, read it with `method`, answer, score."""
+def read_of(method: str) -> str:
+    return method.removesuffix(QUESTION_RECALL)
+
+
+def run_sample(task: str, haystack: str, length: int, index: int, methods: list[str]) -> dict[str, dict]:
+    """One sample in this process: build the prompt, read it once (the methods share one read), answer
+    with each method, score. -> {method: row}"""
     from emllm.models import load_model
     from ruler_tasks import make_sample
 
@@ -60,18 +72,21 @@ def run_sample(task: str, haystack: str, length: int, index: int, method: str) -
     sample = make_sample(
         tokenizer, task, haystack, length, seed=sample_seed(task, haystack, length, index), text=text
     )
-    if method == "full":
-        answer, prefill_s, events = *_answer_full(model, tokenizer, sample), 0
+    if read_of(methods[0]) == "full":
+        answer, prefill_s = _answer_full(model, tokenizer, sample)
+        answers, events = {"full": answer}, 0
     else:
-        answer, prefill_s, events = _answer_emllm(model, tokenizer, sample, METHODS[method])
-    return {
-        "answer": answer,
+        answers, prefill_s, events = _answer_emllm(model, tokenizer, sample, methods)
+    common = {
         "answers": list(sample.answers),
-        "score": sample.score(answer),
         "depths": list(sample.depths),
         "prompt_tokens": sample.prompt_tokens,
         "prefill_tok_s": sample.prompt_tokens / prefill_s,  # context and question, read before answering
         "events": events,
+    }
+    return {
+        method: {"answer": answer, "score": sample.score(answer), **common}
+        for method, answer in answers.items()
     }
 
 
@@ -80,16 +95,25 @@ def sample_seed(task: str, haystack: str, length: int, index: int) -> int:
     return zlib.crc32(f"{task}:{haystack}:{length}:{index}".encode())
 
 
-def _answer_emllm(model, tokenizer, sample, overrides: dict) -> tuple[str, float, int]:
+def _answer_emllm(model, tokenizer, sample, methods: list[str]) -> tuple[dict[str, str], float, int]:
+    """Read the context once, then answer with each method, cutting the session back to the context
+    between answers. The published method (no +qr) answers first, as it did when it was run alone."""
     from emllm import EMLLM, EMLLMConfig
 
-    config = EMLLMConfig.preset("smollm2-135m", **overrides)
+    config = EMLLMConfig.preset("smollm2-135m", **READS[read_of(methods[0])])
     session = EMLLM(model, tokenizer, config, name="smollm2-135m-instruct").session()
     start = time.perf_counter()
     session.feed(sample.context, progress=False)
     prefill_s = time.perf_counter() - start
-    answer = session.generate(sample.question, max_new_tokens=sample.max_new_tokens)
-    return answer, prefill_s, session.stats().events
+    events, read = session.stats().events, len(session.token_ids)
+    answers = {}
+    for method in sorted(methods, key=lambda m: m.endswith(QUESTION_RECALL)):
+        recall = None if method.endswith(QUESTION_RECALL) else 0  # None: the config's question_recall
+        answers[method] = session.generate(
+            sample.question, max_new_tokens=sample.max_new_tokens, question_recall=recall
+        )
+        session.truncate(read)
+    return answers, prefill_s, events
 
 
 def _answer_full(model, tokenizer, sample) -> tuple[str, float]:
@@ -120,16 +144,23 @@ def _as_list(value) -> list:
 
 # -- the run ------------------------------------------------------------------------------------------
 def plan(cases: list[tuple[str, str]], lengths: list[int], methods: list[str], samples: int) -> list[tuple]:
+    """(task, haystack, length, index, [methods sharing one read]) in run order."""
+    wanted = []
+    for method in methods:  # a published method brings its +qr twin (one read answers both)
+        twin = method + QUESTION_RECALL
+        wanted += [method, twin] if twin in METHODS else [method]
     out = []
     for task, haystack in cases:
         for length in lengths:
             for index in range(samples):
-                for method in methods:
-                    if method == "full" and length > FULL_ATTENTION_MAX:
+                for read in READS:
+                    group = [m for m in dict.fromkeys(wanted) if read_of(m) == read]
+                    if read == "full" and length > FULL_ATTENTION_MAX:
                         continue
-                    if length > ONLY_S_ABOVE and method != "emllm_S":
+                    if length > ONLY_S_ABOVE and read != "emllm_S":
                         continue
-                    out.append((task, haystack, length, index, method))
+                    if group:
+                        out.append((task, haystack, length, index, group))
     return out
 
 
@@ -146,20 +177,19 @@ def _done(samples_path: Path) -> dict[tuple, dict]:
 
 def run_plan(todo: list[tuple], samples_path: Path, timeout: int, threads: int | None) -> None:
     done = _done(samples_path)
-    for spec in todo:
-        if spec in done:
+    for task, haystack, length, index, group in todo:
+        methods = [m for m in group if (task, haystack, length, index, m) not in done]
+        if not methods:
             continue
-        task, haystack, length, index, method = spec
-        print(f"[ruler] {task:16s} {haystack:6s} {length:>6} #{index} {method:12s} ...", end=" ", flush=True)
-        row = _run_subprocess(spec, timeout, threads)
-        if row is None:
-            continue
-        keys = dict(task=task, haystack=haystack, context_tokens=length, index=index, method=method)
+        print(f"[ruler] {task:16s} {haystack:6s} {length:>6} #{index} {' '.join(methods)} ...", flush=True)
+        rows = _run_subprocess((task, haystack, length, index, methods), timeout, threads)
+        keys = dict(task=task, haystack=haystack, context_tokens=length, index=index)
         with samples_path.open("a") as f:
-            f.write(json.dumps(keys | row) + "\n")
+            for method, row in rows.items():
+                f.write(json.dumps(keys | {"method": method} | row) + "\n")
 
 
-def _run_subprocess(spec: tuple, timeout: int, threads: int | None) -> dict | None:
+def _run_subprocess(spec: tuple, timeout: int, threads: int | None) -> dict[str, dict]:
     command = [sys.executable, __file__, "--sample", json.dumps(list(spec))]
     if threads:
         command += ["--threads", str(threads)]
@@ -172,15 +202,19 @@ def _run_subprocess(spec: tuple, timeout: int, threads: int | None) -> dict | No
             cwd=ROOT,
         )
     except subprocess.TimeoutExpired:
-        print("timed out")
-        return {"error": f"timeout after {timeout} s"}
+        print("    timed out")
+        return {method: {"error": f"timeout after {timeout} s"} for method in spec[-1]}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
-        print("failed\n" + proc.stderr[-2000:])
-        return None
-    row = json.loads(lines[-1][len("RESULT ") :])
-    print(f"score {row['score']:.2f} {row['answer'][:60]!r} prefill {row['prefill_tok_s']:.0f} tok/s")
-    return row
+        print("    failed\n" + proc.stderr[-2000:])
+        return {}
+    rows = json.loads(lines[-1][len("RESULT ") :])
+    for method, row in rows.items():
+        print(
+            f"    {method:16s} score {row['score']:.2f} {row['answer'][:50]!r} "
+            f"prefill {row['prefill_tok_s']:.0f} tok/s"
+        )
+    return rows
 
 
 def _sample_main(spec: str, threads: int | None) -> None:
@@ -188,9 +222,11 @@ def _sample_main(spec: str, threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    row = run_sample(*json.loads(spec))
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(row), flush=True)
+    rows = run_sample(*json.loads(spec))
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the read's, shared
+    print(
+        "RESULT " + json.dumps({m: row | {"peak_rss_mb": peak_rss_mb} for m, row in rows.items()}), flush=True
+    )
 
 
 # -- results ------------------------------------------------------------------------------------------
@@ -223,7 +259,10 @@ def summarise(samples_path: Path, commands: list[str], threads: int | None) -> d
         "commands": commands,
         "config": "preset smollm2-135m (n_init 64, n_local 1024, n_mem 1024, chunk 256); emllm_S = surprise, "
         "no refinement; emllm_SM / emllm_SC = surprise + modularity / conductance refinement; fixed_blocks = "
-        "segmentation='fixed', 64-token blocks, same budget",
+        "segmentation='fixed', 64-token blocks, same budget; these answer as published "
+        "(question_recall=0: every layer retrieves alone); X+qr = the same read answered with question "
+        "recall (question_recall=16, the default: the question's top 16 events by the upper 15 layers are "
+        "attended first by every layer)",
         "rows": rows,
     }
 
@@ -263,9 +302,35 @@ def write_doc(summary: dict, doc: Path, plot: Path | None) -> None:
             f"{by_method[m]['score']:.2f} (n={by_method[m]['n']})" if m in by_method else "-" for m in methods
         ]
         lines.append(f"| {task} | {haystack} | {length:,} | " + " | ".join(row) + " |")
+    lines += ["", *_mean_table(summary["rows"], methods)]
     if plot is not None:
         lines += ["", f"![RULER scores by context length]({os.path.relpath(plot, doc.parent)})"]
     replace_section(doc, SECTION, "\n".join(lines) + "\n")
+
+
+def _mean_table(rows: list[dict], methods: list[str]) -> list[str]:
+    """Mean score per method and length over the samples every shown method has (Austen haystacks)."""
+    by_cell: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["haystack"] == "austen":
+            by_cell.setdefault((r["context_tokens"], r["task"]), {})[r["method"]] = r
+    lines = [
+        "Mean over the Austen tasks (niah_single, niah_multikey, niah_multivalue), per length, where a",
+        "method has every one of them:",
+        "",
+        "| context | " + " | ".join(methods) + " |",
+        "|---:|" + "---:|" * len(methods),
+    ]
+    for length in sorted({length for length, _ in by_cell}):
+        cells = [cell for (cell_length, _), cell in by_cell.items() if cell_length == length]
+        means = []
+        for method in methods:
+            if all(method in cell for cell in cells):
+                means.append(f"{statistics.fmean(cell[method]['score'] for cell in cells):.2f}")
+            else:
+                means.append("-")
+        lines.append(f"| {length:,} | " + " | ".join(means) + " |")
+    return lines
 
 
 def write_plot(summary: dict, path: Path) -> None:
@@ -280,6 +345,7 @@ def write_plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharey=True, squeeze=False)
     for ax in axes.flat[len(cases) :]:
         ax.set_visible(False)
+    colours = {read: f"C{i}" for i, read in enumerate(READS)}
     for ax, (task, haystack) in zip(axes.flat, cases, strict=False):
         for method in METHODS:
             points = sorted(
@@ -288,7 +354,14 @@ def write_plot(summary: dict, path: Path) -> None:
                 if (r["task"], r["haystack"], r["method"]) == (task, haystack, method)
             )
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=method)
+                style = "--" if method.endswith(QUESTION_RECALL) else "-"
+                ax.plot(
+                    *zip(*points, strict=True),
+                    style,
+                    marker="o",
+                    color=colours[read_of(method)],
+                    label=method,
+                )
         ax.set_xscale("log", base=2)
         ax.set_title(f"{task} ({haystack})", fontsize=9)
         ax.set_xlabel("context tokens")
