@@ -84,8 +84,10 @@ def main() -> None:
     fact_tokens = _token_span(
         session, fact_at, fact_at + len("The secret code of the Longbourn library is 73914.")
     )
-    draw(layout(session), fact_tokens, answer, args.out)
-    print(f"wrote {args.out}; answer {answer!r}")
+    grid = layout(session)
+    draw(grid, fact_tokens, answer, args.out)
+    attending = int((grid[:, fact_tokens[0] : fact_tokens[1] + 1] == RETRIEVED).any(dim=1).sum())
+    print(f"wrote {args.out}; answer {answer!r}; {attending}/{grid.shape[0]} layers attend the planted fact")
 
 
 def _token_span(session, char_start: int, char_end: int) -> tuple[int, int]:

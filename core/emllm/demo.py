@@ -1,6 +1,7 @@
 """`emllm demo`: read a ~20k-token novel excerpt with a planted fact, answer a question about it from
-episodic memory twice (each layer's own retrieval, as in the paper; then the events retrieved for the
-question attended and quoted), and show the events retrieved and the memory figures."""
+episodic memory three ways (each layer's own retrieval, as in the paper; with the question's recalled
+events attended by every layer, the engine's default; those events also quoted as text), and show the
+events retrieved and the memory figures."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def run_demo(model: str = DEFAULT_MODEL, config: EMLLMConfig | None = None, max_
 
     question = "What is the secret code of the Longbourn library?"
     hits = session.retrieve(question, k=RECALLED_EVENTS)
-    _say(f"\nevents retrieved for the question (top 3 of {len(hits)}, scored by every layer's keys):")
+    _say(f"\nevents retrieved for the question (top 3 of {len(hits)}, scored by the upper layers' keys):")
     for hit in hits[:3]:
         snippet = textwrap.shorten(" ".join(hit.text.split()), 110)
         mark = "  <- the planted fact" if probe.answer in hit.text else ""
@@ -64,11 +65,19 @@ def run_demo(model: str = DEFAULT_MODEL, config: EMLLMConfig | None = None, max_
 
     read = len(session.token_ids)
     _say(f"\nQ: {question}")
-    plain = _answer(session, probe.question, max_new_tokens, "each layer's own retrieval (the paper's)")
-    session.truncate(read)  # the same memory for the second answer
+    answers = {}
+    for label, how, options in (
+        ("paper's retrieval", "each layer's own retrieval (the paper's)", {"question_recall": 0}),
+        ("question recall", "the question's events attended by every layer (the default)", {}),
+    ):
+        answers[label] = _answer(session, probe.question, max_new_tokens, how, **options)
+        session.truncate(read)  # the same memory for every answer
     recalled = [hit.event_id for hit in hits]
     prompt = session.quote(recalled) + probe.question
-    answer = _answer(session, prompt, max_new_tokens, "those events attended and quoted", recalled)
+    how = "those events attended and quoted"
+    answer = answers["events attended and quoted"] = _answer(
+        session, prompt, max_new_tokens, how, recall=recalled
+    )
 
     stats = session.stats()
     full_kv = (
@@ -78,18 +87,18 @@ def run_demo(model: str = DEFAULT_MODEL, config: EMLLMConfig | None = None, max_
     _say(f"  device tier (window, init, cache): {_mb(stats.device_bytes)}")
     _say(f"  CPU tier ({stats.events} events, {cfg.offload_dtype}): {_mb(stats.cpu_bytes)}")
     _say(f"  a full-attention KV cache of the same text: {_mb(full_kv)}")
-    for label, text in (("paper's retrieval", plain), ("events attended and quoted", answer)):
+    for label, text in answers.items():
         verdict = "contains" if probe.is_correct(text) else "does NOT contain"
         _say(f"answer with {label}: {verdict} the planted fact ({probe.answer})")
     return probe.is_correct(answer)
 
 
-def _answer(session, prompt: str, max_new_tokens: int, how: str, recall: list[int] | None = None) -> str:
+def _answer(session, prompt: str, max_new_tokens: int, how: str, **options) -> str:
     """Stream one answer to `prompt` (its text ends with the answer's opening words)."""
     _say(f"A ({how}): The secret code is")
     start = time.perf_counter()
     answer = ""
-    for piece in session.stream(prompt, max_new_tokens=max_new_tokens, stop=["\n"], recall=recall or ()):
+    for piece in session.stream(prompt, max_new_tokens=max_new_tokens, stop=["\n"], **options):
         answer += piece
         print(piece, end="", flush=True)
     _say(f"\n({time.perf_counter() - start:.1f} s)")
