@@ -321,6 +321,15 @@ def test_question_recall_refuses_a_negative_count_without_reading(make_engine) -
     assert session.token_ids == tokens
 
 
+def test_without_a_memory_budget_retrieve_still_ranks_and_generate_reads(make_engine) -> None:
+    """n_mem 0 (a sliding window with sinks): nothing is attended from memory, question recall is skipped,
+    and retrieve still explains what a query would recall."""
+    session, question = _session_with_events(make_engine, n_mem=0)
+    session.generate(question, max_new_tokens=2)
+    assert all(layer._selection is None for layer in session.layers)
+    assert len(session.retrieve("a query", k=3)) == 3
+
+
 def test_question_recall_without_events_reads_as_usual(make_engine) -> None:
     engine = make_engine(question_recall=4)
     session = engine.session("short")

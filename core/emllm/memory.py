@@ -177,7 +177,7 @@ class LayerMemory:
     def _global_kv(self, q: torch.Tensor, ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Init + retrieved events (keys at position 0), re-selected when ctx.retrieve is set."""
         num_events = len(self.events_k)
-        if num_events == 0 or self.config.n_mem == 0:
+        if num_events == 0 or (self.config.n_mem == 0 and not ctx.probe):  # a probe still scores events
             return self._positioned(self.init_k, self.init_v, ctx) if self.init_k.shape[2] else None
         if not (ctx.retrieve or ctx.probe) and self._selection is not None:
             if self._global is None:  # a reopened session: its last selection is read back on first use

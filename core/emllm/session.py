@@ -386,7 +386,8 @@ class Session:
             return self._last_logprobs
         config = self.engine.config
         query_tail = min(config.query_chunk, config.chunk_size)
-        if question_recall == 0 or len(todo) == 1:  # one token: a continuation, not a question
+        # one token is a continuation, not a question; with n_mem 0 nothing is recalled at all
+        if question_recall == 0 or len(todo) == 1 or config.n_mem == 0:
             return self._compute(todo, query_tail=query_tail)
         question = todo[-config.chunk_size :]
         if len(question) < len(todo):
@@ -405,7 +406,7 @@ class Session:
 
     # -- memory access ------------------------------------------------------------------------------
     def retrieve(self, query: str, k: int = 5) -> list[RetrievalHit]:
-        """The k stored events most relevant to `query`, scored by every layer's episodic retrieval.
+        """The k stored events most relevant to `query`, as the layers of `recall_layers` score them.
 
         Runs the query through the model without storing it; see `_rank_events` for the score.
         """
