@@ -6,7 +6,10 @@ process - asks about the facts. Methods, all SmolLM2-135M:
 
 - emllm: LangChain `ChatEMLLM` on one thread with a session store. The first process sends the whole
   history (the model reads it once, as events); the second process reopens the store and sends history
-  + question: only the question is computed (`tokens_computed` is recorded to show it);
+  + question: only the question is computed (`tokens_computed` is recorded to show it). The engine's
+  default question recall is on (the question's top events by the upper layers attended by every layer);
+- emllm_paper: the same store and questions with question_recall=0 (every layer retrieves alone, as
+  published);
 - rag: vector-store memory as agents keep it, one document per exchange (user turn + reply) embedded
   with all-MiniLM-L6-v2 (LlamaIndex VectorStoreIndex); the most similar exchanges that fit 2048 tokens
   (EM-LLM's retrieved + local budget) are put back into the prompt as chat turns, in time order;
@@ -39,7 +42,7 @@ from ruler_tasks import string_match_all  # noqa: E402
 NOVEL = ROOT / "benchmarks" / "data" / "austen_pride_and_prejudice.txt"
 SECTION = "## Conversation memory across a restart"
 MODEL = "SmolLM2-135M-Instruct (bundled GGUF, fp32)"
-METHODS = ("emllm", "rag", "truncated")
+METHODS = ("emllm", "emllm_paper", "rag", "truncated")
 BUDGET_TOKENS = 2048
 EXCHANGE_TOKENS = 512  # an exchange (~310 tokens) stays one document
 RAG_EXCHANGES = 8  # retrieved, then as many as fit BUDGET_TOKENS are kept (6 of the novel's)
@@ -86,12 +89,12 @@ def conversation(tokenizer, tokens: int) -> list[tuple[str, str]]:
 
 
 # -- phases (each its own process: reading, then asking after a restart) ------------------------------
-def _chat_model(store: str):
+def _chat_model(store: str, **overrides):
     import emllm
 
     from emllm_integrations.langchain import ChatEMLLM
 
-    config = emllm.EMLLMConfig.preset("smollm2-135m")
+    config = emllm.EMLLMConfig.preset("smollm2-135m", **overrides)
     engine = emllm.EMLLM.from_pretrained(config=config, store=emllm.SessionStore(store))
     return ChatEMLLM(engine=engine, session_id=THREAD, max_tokens=24), engine
 
@@ -117,11 +120,11 @@ def phase_read(args) -> dict:
     }
 
 
-def phase_ask(args) -> list[dict]:
+def phase_ask(args, **overrides) -> list[dict]:
     """The second process: history + each question; the history comes from the store, not recomputed."""
     from langchain_core.messages import HumanMessage
 
-    llm, engine = _chat_model(args.store)
+    llm, engine = _chat_model(args.store, **overrides)
     turns = conversation(engine.tokenizer, args.tokens)
     rows = []
     for _, question, expected in FACTS:
@@ -239,7 +242,7 @@ def summarise(samples: dict, read: dict, command: str, threads: int | None) -> d
             "score": round(statistics.fmean(a["score"] for a in answers), 3),
             "seconds_per_question": round(statistics.fmean(a["seconds"] for a in answers), 1),
         }
-        if method == "emllm":
+        if method.startswith("emllm"):
             row["tokens_computed_per_question"] = round(
                 statistics.fmean(a["tokens_computed"] for a in answers)
             )
@@ -268,7 +271,8 @@ def write_doc(summary: dict, doc: Path) -> None:
         "passages, scripted replies), then a process restart, then one question per fact through LangChain.",
         "emllm = `ChatEMLLM` with a session store (first process: read the history in "
         f"{read['read_seconds']:,.0f} s,",
-        f"{read['events']:,} events; second process: history + question, prefix reused); rag = one",
+        f"{read['events']:,} events; second process: history + question, prefix reused; question recall,",
+        "the default); emllm_paper = the same with question_recall=0 (each layer retrieves alone); rag = one",
         "all-MiniLM-L6-v2 vector per exchange (LlamaIndex VectorStoreIndex), the most similar exchanges",
         f"that fit {BUDGET_TOKENS} tokens put back as chat turns; truncated = the latest turns that fit",
         f"{BUDGET_TOKENS} tokens. Score: the expected word in the answer.",
@@ -292,11 +296,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--store", default=str(Path.home() / ".cache" / "emllm" / "bench-conversation"))
     add_output_arguments(parser)
-    parser.add_argument("--phase", choices=["read", "ask", "rag", "truncated"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--phase", choices=["read", "ask", "ask_paper", "rag", "truncated"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     if args.phase:
-        run = {"read": phase_read, "ask": phase_ask}.get(args.phase)
+        run = {
+            "read": phase_read,
+            "ask": phase_ask,
+            "ask_paper": lambda args: phase_ask(args, question_recall=0),
+        }.get(args.phase)
         result = run(args) if run else phase_baseline(args, args.phase)
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -306,7 +316,8 @@ def main() -> None:
     read = _in_subprocess(args, "read")
     print(f"[conversation] read {read['tokens']:,} tokens in {read['read_seconds']} s", flush=True)
     for method in args.methods:
-        answers = _in_subprocess(args, "ask" if method == "emllm" else method)
+        phase = {"emllm": "ask", "emllm_paper": "ask_paper"}.get(method, method)
+        answers = _in_subprocess(args, phase)
         for a in answers:
             a["score"] = string_match_all(a["answer"], [a["expected"]])
             print(f"[conversation] {method:9s} {a['score']:.0f} {a['question']!r} -> {a['answer'][:60]!r}")
