@@ -209,6 +209,29 @@ def test_another_model_is_refused(model, tmp_path) -> None:
     assert again.session("s").stats().tokens == 200
 
 
+def test_another_window_is_refused_and_retrieval_settings_may_change(model, tmp_path) -> None:
+    engine = open_engine(model, tmp_path)
+    engine.session("s").feed(prose(200, seed=3))
+    engine.session("s").save()
+    tokens = engine.session("s").token_ids
+    engine.close()
+    engine.store.close()
+    for changed in ({"n_local": 96}, {"chunk_size": 8}, {"n_init": 2}):
+        other = EMLLM(
+            model, ByteTokenizer(), EMLLMConfig(**{**SMALL, **changed}), name="tiny", store=tmp_path
+        )
+        name, value = next(iter(changed.items()))
+        with pytest.raises(emllm.ConfigMismatchError, match=f"{name} {SMALL[name]} \\(now {value}\\)"):
+            other.session("s")
+        assert "s" not in other._sessions
+        other.store.close()
+    retrieval = dict(n_mem=16, question_recall=0, contiguity_ratio=0.0, memory_positions="ordered")
+    other = EMLLM(model, ByteTokenizer(), EMLLMConfig(**{**SMALL, **retrieval}), name="tiny", store=tmp_path)
+    session = other.session("s")  # the refusals above released the lock and changed nothing
+    assert session.token_ids == tokens
+    session.generate(max_new_tokens=3)
+
+
 def _saved_with_segment(model, path):
     engine = open_engine(model, path)
     session = engine.session("s")

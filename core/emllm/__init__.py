@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from .config import DEFAULT_MODEL, PRESETS, EMLLMConfig
 from .errors import (
     ConfigError,
+    ConfigMismatchError,
     CorruptSessionError,
     DiskBudgetError,
     EMLLMError,
@@ -62,6 +63,7 @@ __all__ = [
     "PRESETS",
     "SUPPORTED_MODEL_TYPES",
     "ConfigError",
+    "ConfigMismatchError",
     "CorruptSessionError",
     "DiskBudgetError",
     "EMLLMConfig",

@@ -38,6 +38,10 @@ class ModelMismatchError(StoreError, ValueError):
     """A stored session was written by another model (architecture, weights or tokenizer differ)."""
 
 
+class ConfigMismatchError(StoreError, ValueError):
+    """A stored session was written under another window (n_init, n_local or chunk_size differ)."""
+
+
 class CorruptSessionError(StoreError, OSError):
     """A stored file is missing, truncated or fails its checksum; nothing of it was used."""
 
@@ -52,6 +56,7 @@ class DiskBudgetError(StoreError, OSError):
 
 __all__ = [
     "ConfigError",
+    "ConfigMismatchError",
     "CorruptSessionError",
     "DiskBudgetError",
     "EMLLMError",

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import (
+    ConfigMismatchError,
     CorruptSessionError,
     DiskBudgetError,
     ModelMismatchError,
@@ -226,6 +227,7 @@ class SessionStore:
                     "Keys and values of one model mean nothing to another: open it with the model that "
                     "wrote it, or use another session id."
                 )
+            _check_window(session, row["config"])
             self._restore(session, row)
         except BaseException:
             self.unlock(session.id)
@@ -447,6 +449,30 @@ class SessionStore:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+# The saved window and init block have these shapes; every other field may change between runs (retrieval
+# settings apply at once, segmentation settings to text read from then on).
+WINDOW_FIELDS = ("n_init", "n_local", "chunk_size")
+
+
+def _check_window(session: Session, saved_config: str | None) -> None:
+    if saved_config is None:
+        return
+    saved = json.loads(saved_config)
+    config = session.engine.config
+    differ = [
+        f"{name} {saved[name]} (now {getattr(config, name)})"
+        for name in WINDOW_FIELDS
+        if name in saved and saved[name] != getattr(config, name)
+    ]
+    if differ:
+        msg = (
+            f"session {session.id!r} was saved with {', '.join(differ)}: its window and initial tokens "
+            "have that shape. Open it with the same n_init, n_local and chunk_size (n_mem, question_recall "
+            "and the other retrieval settings may change), or use another session id."
+        )
+        raise ConfigMismatchError(msg)
 
 
 __all__ = ["SessionStore", "StoredSession"]
