@@ -69,6 +69,19 @@ def test_every_layer_attends_the_source_events_while_answering(llm, docs):
     assert not all(sources <= set(layer._selection) for layer in session.layers)
 
 
+def test_the_source_events_are_the_only_question_recall(llm, docs):
+    """One probe per query (the question alone, for the source nodes): the engine's own question recall,
+    which would probe the templated prompt, is off while the query engine answers."""
+    engine = EpisodicQueryEngine.from_documents(docs, llm=llm, similarity_top_k=2, show_progress=False)
+    session = llm.engine.session(engine.session_id)
+    assert llm.engine.config.question_recall > 0
+    probes = []
+    rank_events = session._rank_events
+    session._rank_events = lambda ids: probes.append(ids) or rank_events(ids)
+    engine.query("What did Mrs. Bennet say about Netherfield?")
+    assert probes == [llm.engine.encode("What did Mrs. Bennet say about Netherfield?")]
+
+
 def test_quoted_source_events_are_read_before_the_question(llm, docs):
     engine = EpisodicQueryEngine.from_documents(
         docs, llm=llm, similarity_top_k=2, quote_source_events=True, show_progress=False

@@ -61,10 +61,10 @@ class EpisodicQueryEngine(CustomQueryEngine):
         response = engine.query("Who does Elizabeth marry?")
         response.source_nodes[0].node.ref_doc_id, response.source_nodes[0].node.start_char_idx
 
-    Source nodes: the retrieved events (``metadata["memory"] == "event"``, scored by every layer's
-    episodic retrieval), each cut to the document it lies in, with character offsets into that document;
-    with `include_attended_nodes`, also the documents' text that every answer attends whole (the initial
-    tokens and the local window: ``memory`` "initial" / "window", score None).
+    Source nodes: the retrieved events (``metadata["memory"] == "event"``, ranked by the upper layers'
+    episodic retrieval, `Session.retrieve`), each cut to the document it lies in, with character offsets
+    into that document; with `include_attended_nodes`, also the documents' text that every answer attends
+    whole (the initial tokens and the local window: ``memory`` "initial" / "window", score None).
     """
 
     llm: EMLLM = Field(description="The EMLLM whose engine holds the document session.")
@@ -193,6 +193,9 @@ class EpisodicQueryEngine(CustomQueryEngine):
         if self.max_new_tokens is not None:
             options["max_new_tokens"] = self.max_new_tokens
         events = [n.node.metadata["event_id"] for n in sources if n.node.metadata["memory"] == "event"]
+        # the source events are this engine's question recall (found with the question alone): the
+        # engine's own probe of the templated prompt would only add events ranked by template tokens
+        options["question_recall"] = 0
         if self.attend_source_events:
             options["recall"] = events
         with _query_lock(self._session):
