@@ -276,6 +276,7 @@ def write_doc(summary: dict, doc: Path) -> None:
         "all-MiniLM-L6-v2 vector per exchange (LlamaIndex VectorStoreIndex), the most similar exchanges",
         f"that fit {BUDGET_TOKENS} tokens put back as chat turns; truncated = the latest turns that fit",
         f"{BUDGET_TOKENS} tokens. Score: the expected word in the answer.",
+        *([summary["note"]] if summary.get("note") else []),
         "",
         "| method | context | n | score | prompt held the fact | tokens computed / question | s / question |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -295,6 +296,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=50_000, help="tokens of conversation after the facts")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--store", default=str(Path.home() / ".cache" / "emllm" / "bench-conversation"))
+    parser.add_argument(
+        "--note", help="a sentence printed under the table (e.g. what else loaded the machine)"
+    )
     add_output_arguments(parser)
     parser.add_argument(
         "--phase", choices=["read", "ask", "ask_paper", "rag", "truncated"], help=argparse.SUPPRESS
@@ -325,7 +329,7 @@ def main() -> None:
     command = "python benchmarks/conversation_memory.py" + (
         f" --tokens {args.tokens}" if args.tokens != 50_000 else ""
     )
-    summary = summarise(samples, read, command, args.threads)
+    summary = summarise(samples, read, command, args.threads) | ({"note": args.note} if args.note else {})
     (out / "conversation_memory.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_doc(summary, doc)
     print(f"[conversation] wrote {out / 'conversation_memory.json'} and {doc}")
