@@ -284,6 +284,8 @@ def write_doc(summary: dict, doc: Path) -> None:
             f"The episodic session holds {read['context_tokens']:,} tokens, "
             f"read once in {read['read_seconds']:,.0f} s."
         )
+    if summary.get("note"):
+        lines.append(summary["note"])
     lines += [
         "",
         "| task | method | context | n | score | source recall | s / question |",
@@ -305,6 +307,7 @@ def main() -> None:
     parser.add_argument(
         "--store", default=None, help="session store for the read novel (default: $EMLLM_HOME)"
     )
+    parser.add_argument("--note", help="a sentence printed under the table's header (e.g. what else ran)")
     add_output_arguments(parser)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -312,7 +315,7 @@ def main() -> None:
     samples_path = out / "qa_rag.samples.jsonl"
     run(args, samples_path)
     command = "python benchmarks/qa_rag.py" + (f" --tokens {args.tokens}" if args.tokens else "")
-    summary = summarise(samples_path, command, args.threads)
+    summary = summarise(samples_path, command, args.threads) | ({"note": args.note} if args.note else {})
     (out / "qa_rag.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_doc(summary, doc)
     print(f"[qa] wrote {out / 'qa_rag.json'} and {doc}")
