@@ -2,7 +2,8 @@
 merged by log-sum-exp. Registered in transformers as the attention implementation "emllm".
 
 Per layer and chunk of c new tokens (window of W older tokens, relative positions 0..W+c-1):
-  global part : queries rotated to `memory_distance`, init and retrieved keys at position 0
+  global part : queries rotated to `memory_distance`, init and retrieved keys at position 0 (or, with
+                memory_positions="ordered", the G global keys at 0..G-1 and the queries at G+W..G+W+c-1)
   local part  : queries at W..W+c-1 over the window keys at 0..W-1 (no mask)
   chunk part  : the chunk over itself, causal
 Each part returns (output, lse); `merge_partials` combines them exactly as one softmax would. That torch

@@ -175,7 +175,7 @@ class LayerMemory:
         return ctx.rotary.rotate_at(q, ctx.config.memory_distance)
 
     def _global_kv(self, q: torch.Tensor, ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Init + retrieved events (keys at position 0), re-selected when ctx.retrieve is set."""
+        """Init + retrieved events (keys placed by memory_positions), re-selected when ctx.retrieve is set."""
         num_events = len(self.events_k)
         if num_events == 0 or (self.config.n_mem == 0 and not ctx.probe):  # a probe still scores events
             return self._positioned(self.init_k, self.init_v, ctx) if self.init_k.shape[2] else None
