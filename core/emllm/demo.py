@@ -67,8 +67,8 @@ def run_demo(model: str = DEFAULT_MODEL, config: EMLLMConfig | None = None, max_
     _say(f"\nQ: {question}")
     answers = {}
     for label, how, options in (
-        ("paper's retrieval", "each layer's own retrieval (the paper's)", {"question_recall": 0}),
-        ("question recall", "the question's events attended by every layer (the default)", {}),
+        ("paper's retrieval", "each layer's own retrieval, as in the paper", {"question_recall": 0}),
+        ("question recall", "the question's events attended by every layer, the default", {}),
     ):
         answers[label] = _answer(session, probe.question, max_new_tokens, how, **options)
         session.truncate(read)  # the same memory for every answer
