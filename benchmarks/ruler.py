@@ -9,17 +9,22 @@ question's top events from the upper layers attended first by every layer, the e
 interrupted run resumes where it stopped. Aggregates go to <results>/ruler.json, a table in
 docs/benchmarks.md and a plot in docs/img/ruler.png.
 
-The whole grid (8k-64k, 128k for EM-LLM S only) takes hours on 2 cores, so it runs as several
-commands of one to one and a half hours each, all appending to the same sample log; the docs table
-shows every cell:
+The whole grid takes hours on 2 cores, so it runs as several commands, all appending to the same
+sample log; the docs table shows every cell. The committed grid (n=1 per cell) came from:
 
-    python benchmarks/ruler.py                                        # 8k, 2 samples, every method
-    python benchmarks/ruler.py --lengths 16384 --samples 1            # 16k, with full attention
-    python benchmarks/ruler.py --lengths 32768 --samples 1 --methods emllm_S emllm_SM emllm_SC fixed_blocks
-    python benchmarks/ruler.py --lengths 65536 --samples 1 --methods emllm_S fixed_blocks
-    python benchmarks/ruler.py --lengths 131072 --samples 1 --methods emllm_S
+    python benchmarks/ruler.py --threads 1 --samples 1                # 8k, every method
+    python benchmarks/ruler.py --lengths 16384 --samples 1 --threads 1 --methods emllm_S fixed_blocks
+    python benchmarks/ruler.py --lengths 32768 --samples 1 --threads 1 --methods emllm_S fixed_blocks
+    python benchmarks/ruler.py --lengths 65536 --samples 1 --threads 1 --methods emllm_S fixed_blocks
+    python benchmarks/ruler.py --tasks niah_single:noise niah_single:austen niah_multikey:austen \
+        niah_multivalue:austen --lengths 131072 --samples 1 --threads 1 --methods emllm_S --timeout 7200
+
+8k and 16k were read before question recall existed; their +qr answers came from the same commands
+with `--methods emllm_S+qr fixed_blocks+qr`. A 128k read takes about an hour on one thread. A quick
+trial that leaves docs/ alone:
+
     python benchmarks/ruler.py --tasks niah_single:noise vt:noise --lengths 4096 --samples 1 --threads 1 \
-        --results-dir /tmp/ruler                                      # a quick trial, docs untouched
+        --results-dir /tmp/ruler
 
 `--methods emllm_S` runs emllm_S and emllm_S+qr (one read); name `emllm_S+qr` alone for only that one.
 """
@@ -308,12 +313,24 @@ def write_doc(summary: dict, doc: Path, plot: Path | None) -> None:
     replace_section(doc, SECTION, "\n".join(lines) + "\n")
 
 
-def _mean_table(rows: list[dict], methods: list[str]) -> list[str]:
-    """Mean score per method and length over the samples every shown method has (Austen haystacks)."""
+def _austen_means(rows: list[dict]) -> dict[int, dict[str, float]]:
+    """Mean score per length and method over the Austen tasks, for methods that have every one of them."""
     by_cell: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if r["haystack"] == "austen":
             by_cell.setdefault((r["context_tokens"], r["task"]), {})[r["method"]] = r
+    means: dict[int, dict[str, float]] = {}
+    for length in sorted({length for length, _ in by_cell}):
+        cells = [cell for (cell_length, _), cell in by_cell.items() if cell_length == length]
+        means[length] = {
+            method: statistics.fmean(cell[method]["score"] for cell in cells)
+            for method in METHODS
+            if all(method in cell for cell in cells)
+        }
+    return means
+
+
+def _mean_table(rows: list[dict], methods: list[str]) -> list[str]:
     lines = [
         "Mean over the Austen tasks (niah_single, niah_multikey, niah_multivalue), per length, where a",
         "method has every one of them:",
@@ -321,14 +338,8 @@ def _mean_table(rows: list[dict], methods: list[str]) -> list[str]:
         "| context | " + " | ".join(methods) + " |",
         "|---:|" + "---:|" * len(methods),
     ]
-    for length in sorted({length for length, _ in by_cell}):
-        cells = [cell for (cell_length, _), cell in by_cell.items() if cell_length == length]
-        means = []
-        for method in methods:
-            if all(method in cell for cell in cells):
-                means.append(f"{statistics.fmean(cell[method]['score'] for cell in cells):.2f}")
-            else:
-                means.append("-")
+    for length, by_method in _austen_means(rows).items():
+        means = [f"{by_method[m]:.2f}" if m in by_method else "-" for m in methods]
         lines.append(f"| {length:,} | " + " | ".join(means) + " |")
     return lines
 
@@ -340,19 +351,18 @@ def write_plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = sorted({(r["task"], r["haystack"]) for r in summary["rows"]})
-    cols = min(3, len(cases))
-    rows = -(-len(cases) // cols)
+    means = _austen_means(summary["rows"])
+    panels = len(cases) + bool(means)
+    cols = min(3, panels)
+    rows = -(-panels // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharey=True, squeeze=False)
-    for ax in axes.flat[len(cases) :]:
+    for ax in axes.flat[panels:]:
         ax.set_visible(False)
     colours = {read: f"C{i}" for i, read in enumerate(READS)}
-    for ax, (task, haystack) in zip(axes.flat, cases, strict=False):
+
+    def draw(ax, points_of) -> None:
         for method in METHODS:
-            points = sorted(
-                (r["context_tokens"], r["score"])
-                for r in summary["rows"]
-                if (r["task"], r["haystack"], r["method"]) == (task, haystack, method)
-            )
+            points = sorted(points_of(method))
             if points:
                 style = "--" if method.endswith(QUESTION_RECALL) else "-"
                 ax.plot(
@@ -363,12 +373,26 @@ def write_plot(summary: dict, path: Path) -> None:
                     label=method,
                 )
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{task} ({haystack})", fontsize=9)
         ax.set_xlabel("context tokens")
         ax.set_ylim(-0.05, 1.05)
+
+    for ax, (task, haystack) in zip(axes.flat, cases, strict=False):
+        draw(
+            ax,
+            lambda method, task=task, haystack=haystack: [
+                (r["context_tokens"], r["score"])
+                for r in summary["rows"]
+                if (r["task"], r["haystack"], r["method"]) == (task, haystack, method)
+            ],
+        )
+        ax.set_title(f"{task} ({haystack})", fontsize=9)
+    if means:
+        ax = axes.flat[len(cases)]
+        draw(ax, lambda method: [(length, m[method]) for length, m in means.items() if method in m])
+        ax.set_title("mean over the Austen tasks", fontsize=9)
     for ax in axes[:, 0]:
         ax.set_ylabel("string_match_all")
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7, handlelength=3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
