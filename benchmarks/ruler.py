@@ -20,7 +20,7 @@ sample log; the docs table shows every cell. The committed grid (n=1 per cell) c
         niah_multivalue:austen --lengths 131072 --samples 1 --threads 1 --methods emllm_S --timeout 7200
 
 8k and 16k were read before question recall existed; their +qr answers came from the same commands
-with `--methods emllm_S+qr fixed_blocks+qr`. A 128k read takes about an hour on one thread. A quick
+with `--methods emllm_S+qr fixed_blocks+qr`. A 128k read takes about 35 minutes on one thread. A quick
 trial that leaves docs/ alone:
 
     python benchmarks/ruler.py --tasks niah_single:noise vt:noise --lengths 4096 --samples 1 --threads 1 \
@@ -350,46 +350,31 @@ def write_plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = sorted({(r["task"], r["haystack"]) for r in summary["rows"]})
-    means = _austen_means(summary["rows"])
-    panels = len(cases) + bool(means)
-    cols = min(3, panels)
-    rows = -(-panels // cols)
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}  # panel title -> method -> points
+    for r in summary["rows"]:
+        title = f"{r['task']} ({r['haystack']})"
+        curves.setdefault(title, {}).setdefault(r["method"], []).append((r["context_tokens"], r["score"]))
+    curves = dict(sorted(curves.items()))
+    for length, by_method in _austen_means(summary["rows"]).items():
+        for method, score in by_method.items():
+            curves.setdefault("mean over the Austen tasks", {}).setdefault(method, []).append((length, score))
+    cols = min(3, len(curves))
+    rows = -(-len(curves) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), sharey=True, squeeze=False)
-    for ax in axes.flat[panels:]:
+    for ax in axes.flat[len(curves) :]:
         ax.set_visible(False)
     colours = {read: f"C{i}" for i, read in enumerate(READS)}
-
-    def draw(ax, points_of) -> None:
-        for method in METHODS:
-            points = sorted(points_of(method))
-            if points:
-                style = "--" if method.endswith(QUESTION_RECALL) else "-"
-                ax.plot(
-                    *zip(*points, strict=True),
-                    style,
-                    marker="o",
-                    color=colours[read_of(method)],
-                    label=method,
-                )
+    for ax, (title, by_method) in zip(axes.flat, curves.items(), strict=False):
+        for method in (m for m in METHODS if m in by_method):
+            style = "--" if method.endswith(QUESTION_RECALL) else "-"
+            points = sorted(by_method[method])
+            ax.plot(
+                *zip(*points, strict=True), style, marker="o", color=colours[read_of(method)], label=method
+            )
         ax.set_xscale("log", base=2)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("context tokens")
         ax.set_ylim(-0.05, 1.05)
-
-    for ax, (task, haystack) in zip(axes.flat, cases, strict=False):
-        draw(
-            ax,
-            lambda method, task=task, haystack=haystack: [
-                (r["context_tokens"], r["score"])
-                for r in summary["rows"]
-                if (r["task"], r["haystack"], r["method"]) == (task, haystack, method)
-            ],
-        )
-        ax.set_title(f"{task} ({haystack})", fontsize=9)
-    if means:
-        ax = axes.flat[len(cases)]
-        draw(ax, lambda method: [(length, m[method]) for length, m in means.items() if method in m])
-        ax.set_title("mean over the Austen tasks", fontsize=9)
     for ax in axes[:, 0]:
         ax.set_ylabel("string_match_all")
     axes.flat[0].legend(fontsize=7, handlelength=3)
