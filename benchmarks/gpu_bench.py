@@ -172,7 +172,9 @@ def attention_inputs(keys: int, heads: tuple[int, int, int], chunk: int, window:
 
 
 def bench_attention(results: Results, keys_list, heads, chunk, window, device, dtype, use_kernels) -> None:
-    """Rows {"method", "keys", "tok_s"}: queries per second through one layer's attention."""
+    """Rows {"method", "keys", "queries", "tok_s"}: queries per second through one layer's attention, for a
+    chunk of `queries` (a prefill chunk, or 1 when decoding; there the fused kernel is also timed with its
+    keys in one split, which shows what split-KV gains)."""
     from emllm_kernels import episodic_attention, episodic_attention_reference
 
     hq, hkv, d = heads
@@ -190,12 +192,16 @@ def bench_attention(results: Results, keys_list, heads, chunk, window, device, d
         }
         if use_kernels:
             methods["kernel_fused"] = lambda inputs=inputs, w=w: episodic_attention(*inputs, scale, w)
+            if chunk == 1:
+                methods["kernel_fused_one_split"] = lambda inputs=inputs, w=w: episodic_attention(
+                    *inputs, scale, w, num_splits=1
+                )
         for method, fn in methods.items():
+            row = {"method": method, "keys": keys, "queries": chunk}
             try:
-                tok_s = chunk / seconds_per_call(fn, device)
-                results.add("kernel_rows", {"method": method, "keys": keys, "tok_s": round(tok_s, 1)})
+                results.add("kernel_rows", row | {"tok_s": round(chunk / seconds_per_call(fn, device), 1)})
             except torch.cuda.OutOfMemoryError as exc:
-                results.add("kernel_rows", {"method": method, "keys": keys, "error": repr(exc)[:200]})
+                results.add("kernel_rows", row | {"error": repr(exc)[:200]})
         del inputs, k_all, v_all
         reset_peak(device)
 
@@ -385,6 +391,7 @@ def main() -> None:
     attended = emllm_config.n_init + emllm_config.n_mem + window + chunk
     keys = [window + chunk, attended, 4 * attended] if not args.tiny else [window + chunk, attended]
     bench_attention(results, keys, heads, chunk, window, device, dtype, use_kernels)
+    bench_attention(results, keys[1:], heads, 1, window, device, dtype, use_kernels)  # decoding
     events = [1024, 16384, 65536] if not args.tiny else [64, 512]
     bench_scoring(results, events, heads, emllm_config.n_mem, device, use_kernels)
     bench_model(results, clock, args, device, dtype, emllm_config, use_kernels)

@@ -41,6 +41,7 @@ from emllm_kernels import (
     received_mass_reference,
 )
 from emllm_kernels import backend as kernel_backend
+from emllm_kernels.episodic_attention import attention_launch_config, merge_splits, plan_splits, split_count
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -201,6 +202,74 @@ def test_episodic_attention_fp32(run, shape) -> None:
 @given(shape=attention_shapes, dtype=st.sampled_from([torch.bfloat16, torch.float16]))
 def test_episodic_attention_low_precision(run, shape, dtype) -> None:
     run(_check_attention, shape, dtype)
+
+
+def _check_split_attention(shape: dict, num_splits: int, dtype: torch.dtype = torch.float32) -> None:
+    keys = shape["num_global"] + shape["window_len"] + shape["query_len"]
+    block_d = max(16, kernel_backend.next_power_of_2(shape["head_dim"]))
+    block_n = attention_launch_config(shape["groups"] * shape["query_len"], block_d)[1]
+    assert plan_splits(keys, num_splits, block_n)[0] > 1, "the shape leaves one split: nothing is tested"
+    inputs = _attention_inputs(**shape, dtype=dtype, seed=num_splits)
+    scale = shape["head_dim"] ** -0.5
+    out, lse = episodic_attention(*inputs, scale, shape["window_len"], num_splits=num_splits)
+    ref_out, ref_lse = episodic_attention_reference(*inputs, scale, shape["window_len"])
+    assert out.dtype == dtype
+    _assert_close(out, ref_out, TOLERANCE[dtype], f"out, {num_splits} splits, {shape}")
+    _assert_close(lse, ref_lse, TOLERANCE[dtype], f"lse, {num_splits} splits, {shape}")
+
+
+@settings(max_examples=10, deadline=None)
+@example(  # decoding over 130 global + 129 window keys: runs of 128 keys, wholly global, mixed, wholly local
+    shape=dict(batch=1, kv_heads=2, groups=4, query_len=1, num_global=130, window_len=129, head_dim=64),
+    num_splits=4,
+)
+@example(  # more splits than key blocks: the launcher keeps only the splits that hold keys
+    shape=dict(batch=1, kv_heads=1, groups=2, query_len=3, num_global=75, window_len=70, head_dim=16),
+    num_splits=9,
+)
+@example(  # no global keys, a chunk whose early rows see nothing of the last split (0 and -inf there)
+    shape=dict(batch=2, kv_heads=1, groups=3, query_len=20, num_global=0, window_len=50, head_dim=32),
+    num_splits=2,
+)
+@given(
+    shape=attention_shapes.filter(lambda s: s["num_global"] + s["window_len"] > 2 * 64),
+    num_splits=st.integers(2, 6),
+)
+def test_episodic_attention_split_kv(run, shape, num_splits) -> None:
+    """Keys cut into runs (split-KV, as decoding on a GPU launches) and merged by lse equal one softmax."""
+    run(_check_split_attention, shape, num_splits)
+
+
+def test_episodic_attention_split_kv_low_precision(run) -> None:
+    shape = dict(batch=1, kv_heads=2, groups=4, query_len=1, num_global=200, window_len=100, head_dim=128)
+    run(_check_split_attention, shape, 3, torch.bfloat16)
+
+
+def test_split_count_fills_the_gpu_only() -> None:
+    """One split on the CPU; on CUDA several when few row blocks meet many keys, one when rows fill it."""
+    assert split_count(programs=8, keys=100_000, block_n=64, device=torch.device("cpu")) == 1
+    if ON_GPU:
+        processors = torch.cuda.get_device_properties(0).multi_processor_count
+        assert split_count(8, 100_000, 64, torch.device("cuda")) == processors // 8
+        assert split_count(8, 300, 64, torch.device("cuda")) == 1  # too few keys to split
+        assert split_count(processors, 100_000, 64, torch.device("cuda")) == 1
+
+
+def test_merge_splits_is_one_softmax() -> None:
+    """Partials over disjoint key runs, merged, equal the softmax over all keys; an empty run weighs 0."""
+    g = torch.Generator().manual_seed(3)
+    logits, values = torch.randn(2, 5, 12, generator=g), torch.randn(12, 4, generator=g)
+    runs = [slice(0, 5), slice(5, 5), slice(5, 12)]
+    outs, lses = [], []
+    for run_keys in runs:
+        part = logits[..., run_keys]
+        lse = torch.logsumexp(part, dim=-1) if part.shape[-1] else torch.full(part.shape[:-1], float("-inf"))
+        weights = torch.exp(part - lse[..., None]) if part.shape[-1] else part
+        outs.append(weights @ values[run_keys] if part.shape[-1] else torch.zeros(2, 5, 4))
+        lses.append(lse)
+    out, lse = merge_splits(torch.stack(outs), torch.stack(lses))
+    _assert_close(out, torch.softmax(logits, dim=-1) @ values, 1e-6, "out")
+    _assert_close(lse, torch.logsumexp(logits, dim=-1), 1e-6, "lse")
 
 
 def test_episodic_attention_peaked_softmax(run) -> None:

@@ -9,6 +9,8 @@
 Importing this package imports neither triton nor CUDA: the jitted kernels load on the first launch, so
 it works on a CPU-only machine, and `TRITON_INTERPRET=1` set any time before that launch runs them in
 Triton's interpreter on CPU tensors (the tests do). `unavailable_reason` says whether they can run.
+`python -m emllm_kernels.compile_check` compiles them for an NVIDIA GPU on a machine without one and
+reports registers, spills and shared memory.
 Knows nothing about the engine: no configs, no layers, only tensors.
 """
 

@@ -8,7 +8,7 @@ which keeps the result deterministic (no atomics).
 import triton
 import triton.language as tl
 
-from ._episodic_attention_jit import LOG2E, dot
+from ._episodic_attention_jit import LOG2E_K, dot
 
 
 @triton.jit(do_not_specialize=["query_len", "num_local", "window_len"])  # lengths change every chunk
@@ -40,7 +40,7 @@ def received_mass_kernel(
         # padded rows get lse = +inf: probability 0
         lse = tl.load(LSE + (batch * num_kv_heads * GROUP + head) * query_len + pos, mask=row_ok,
                       other=float("inf"))  # fmt: skip
-        s = dot(q, k_t, IEEE_FP32) * scale_log2 - lse[:, None] * LOG2E
+        s = dot(q, k_t, IEEE_FP32) * scale_log2 - lse[:, None] * LOG2E_K
         # a chunk key is seen only by the queries at or after it (window keys by all)
         visible = row_ok[:, None] & col_ok[None, :] & (cols[None, :] < window_len + pos[:, None] + 1)
         total += tl.sum(tl.where(visible, tl.exp2(s), 0.0), 0)

@@ -81,6 +81,14 @@ def _standard_library_interpreted() -> bool:
     return is_interpreted(tl.zeros)
 
 
+def compute_capability(device: torch.device) -> int:
+    """Major x 10 + minor for a CUDA device (90: H100); 90 elsewhere (the interpreter ignores it)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -89,6 +97,7 @@ __all__ = [
     "MAX_HEAD_DIM",
     "KernelUnavailableError",
     "check_launchable",
+    "compute_capability",
     "interpreter_requested",
     "is_interpreted",
     "next_power_of_2",

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .backend import MAX_HEAD_DIM, check_launchable, is_interpreted, next_power_of_2
+from .backend import MAX_HEAD_DIM, check_launchable, compute_capability, is_interpreted, next_power_of_2
 
 
 def _check_shapes(q_mem, q_local, k_global, v_global, k_local, v_local, window_len: int) -> None:
@@ -80,16 +80,51 @@ def episodic_attention_reference(
     return (out, lse) if return_lse else out
 
 
-def _block_sizes(rows: int, block_d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): 16 rows at least (tl.dot's minimum), 128 for long chunks."""
+def attention_launch_config(
+    rows: int, block_d: int, exact_fp32: bool = False, arch: int = 90
+) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for `rows` folded query rows on a GPU of compute capability `arch`
+    (x10); compile_check shows each choice free of register spills.
+
+    Tensor-core dtypes: 16 rows at least (tl.dot's minimum), 128 for long chunks (64 at head_dim 256), 8
+    warps for those; 64 keys per step, 32 at head_dim 128 before Hopper and at 256. Exact fp32 products
+    run on the FMA units and take 32x16 blocks (16x16 at head_dim 128).
+    """
+    if exact_fp32:
+        return min(32 if block_d <= 64 else 16, max(16, next_power_of_2(rows))), 16, 4
     block_m = min(128 if block_d <= 128 else 64, max(16, next_power_of_2(rows)))
-    block_n = 64 if block_d <= 128 else 32
-    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
-    return block_m, block_n, num_warps
+    block_n = 64 if block_d <= 64 or (block_d <= 128 and arch >= 90) else 32
+    return block_m, block_n, 8 if block_m >= 128 or block_m * block_d >= 128 * 128 else 4
+
+
+def split_count(programs: int, keys: int, block_n: int, device: torch.device) -> int:
+    """How many key splits fill the GPU when the row blocks alone leave half its multiprocessors idle (a
+    decoded token, a short last chunk, a model with few KV heads): one program per multiprocessor, each over
+    4 key blocks at least. One on the CPU interpreter, and when the row blocks fill the device (a 512-token
+    chunk of a Llama-3-8B shape)."""
+    if device.type != "cuda":
+        return 1
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    if 2 * programs > processors:
+        return 1
+    return max(1, min(processors // programs, keys // (4 * block_n)))
+
+
+def plan_splits(keys: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """(splits, keys per split): runs of whole key blocks, as even as they come; only runs that hold keys."""
+    keys_per_split = block_n * math.ceil(keys / (num_splits * block_n))
+    return math.ceil(keys / keys_per_split), keys_per_split
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, B, Hq, L, D) normalised partials and their (S, B, Hq, L) lse -> one softmax's (out fp32, lse)."""
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total).nan_to_num_(0.0)  # an all -inf row (no key at all) weighs nothing
+    return (weights[..., None] * out.float()).sum(dim=0), total
 
 
 def episodic_attention(
@@ -102,9 +137,16 @@ def episodic_attention(
     scale: float,
     window_len: int,
     return_lse: bool = True,
+    num_splits: int | None = None,
 ):
-    """The Triton kernel; same contract as `episodic_attention_reference`. Any strides except along D."""
+    """The Triton kernel; same contract as `episodic_attention_reference`. Any strides except along D.
+
+    num_splits: runs the keys are cut into (split-KV), merged by lse afterwards; None picks as many as
+    fill the GPU, which is one except for short query blocks (decoding) over many keys.
+    """
     _check_shapes(q_mem, q_local, k_global, v_global, k_local, v_local, window_len)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be at least 1, got {num_splits}")
     from ._episodic_attention_jit import LOG2E, episodic_attention_kernel
 
     tensors = [_last_dim_contiguous(t) for t in (q_mem, q_local, k_global, v_global, k_local, v_local)]
@@ -123,20 +165,43 @@ def episodic_attention(
         k_global, v_global = k_local, v_local
     groups = hq // hkv
     block_d = max(16, next_power_of_2(d))
-    block_m, block_n, num_warps = _block_sizes(groups * length, block_d)
-    grid = (math.ceil(groups * length / block_m), b * hkv)
-    episodic_attention_kernel[grid](
-        q_mem, q_local, k_global, v_global, k_local, v_local, out, lse,
+    interpreted = is_interpreted(episodic_attention_kernel)
+    exact_fp32 = q_local.dtype == torch.float32 and not interpreted
+    arch = compute_capability(q_local.device)
+    block_m, block_n, num_warps = attention_launch_config(groups * length, block_d, exact_fp32, arch)
+    grid_rows = (math.ceil(groups * length / block_m), b * hkv)
+    keys = num_global + min(k_local.shape[2], window_len + length)
+    if num_splits is None:
+        num_splits = split_count(grid_rows[0] * grid_rows[1], keys, block_n, q_local.device)
+    num_splits, keys_per_split = plan_splits(keys, num_splits, block_n)
+    if num_splits > 1:  # partials in the output's dtype (one kernel variant for both), fp32 lse; merged below
+        target = torch.empty((num_splits, *out.shape), dtype=out.dtype, device=out.device)
+        target_lse = torch.empty((num_splits, *lse.shape), dtype=torch.float32, device=out.device)
+    else:
+        target, target_lse = out[None], lse[None]
+    episodic_attention_kernel[(*grid_rows, num_splits)](
+        q_mem, q_local, k_global, v_global, k_local, v_local, target, target_lse,
         *q_mem.stride()[:3], *q_local.stride()[:3],
         *k_global.stride()[:3], *v_global.stride()[:3],
         *k_local.stride()[:3], *v_local.stride()[:3],
-        *out.stride()[:3],
-        hkv, length, num_global, k_local.shape[2], window_len, d, scale * LOG2E,
+        *target.stride()[:4], target_lse.stride(0),
+        hkv, length, num_global, k_local.shape[2], window_len, keys_per_split, d, scale * LOG2E,
         GROUP=groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        IEEE_FP32=q_local.dtype == torch.float32 or is_interpreted(episodic_attention_kernel),
+        IEEE_FP32=q_local.dtype == torch.float32 or interpreted,
         num_warps=num_warps, num_stages=2,
     )  # fmt: skip
+    if num_splits > 1:
+        merged, lse = merge_splits(target, target_lse)
+        out = merged.to(out.dtype)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["episodic_attention", "episodic_attention_reference", "local_visibility"]
+__all__ = [
+    "attention_launch_config",
+    "episodic_attention",
+    "episodic_attention_reference",
+    "local_visibility",
+    "merge_splits",
+    "plan_splits",
+    "split_count",
+]

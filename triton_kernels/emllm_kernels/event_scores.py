@@ -18,6 +18,8 @@ import torch
 
 from .backend import check_launchable, next_power_of_2
 
+EVENTS_PER_PROGRAM = 64  # BLOCK_E: events one program scores
+
 
 def _check_shapes(reprs: torch.Tensor, query: torch.Tensor, num_kv_heads: int) -> None:
     hq, d = query.shape
@@ -46,10 +48,10 @@ def event_scores(reprs: torch.Tensor, query: torch.Tensor, num_kv_heads: int) ->
     scores = torch.empty(num_events, dtype=torch.float32, device=reprs.device)
     if num_events == 0:
         return scores
-    block_e = 64
-    event_scores_kernel[(math.ceil(num_events / block_e),)](
+    event_scores_kernel[(math.ceil(num_events / EVENTS_PER_PROGRAM),)](
         reprs, query, scores, reprs.stride(0), query.stride(0), num_events, num_kv_heads, d,
-        GROUP=hq // num_kv_heads, BLOCK_E=block_e, BLOCK_D=max(16, next_power_of_2(d)), num_warps=4,
+        GROUP=hq // num_kv_heads, BLOCK_E=EVENTS_PER_PROGRAM, BLOCK_D=max(16, next_power_of_2(d)),
+        num_warps=4,
     )  # fmt: skip
     return scores
 

@@ -46,12 +46,21 @@ def received_mass_reference(
     return (probs * visible).sum(dim=(1, 2))
 
 
+def received_mass_launch_config(block_d: int, exact_fp32: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M query rows per step, BLOCK_N keys per program, num_warps) on a GPU. Exact fp32 products
+    run on the FMA units and spill registers past 32x32 blocks (see compile_check)."""
+    if exact_fp32:
+        return 32, 32, 4
+    return 64, 64 if block_d <= 128 else 32, 4
+
+
 def received_mass(
     q_local: torch.Tensor, k_local: torch.Tensor, lse: torch.Tensor, scale: float, window_len: int
 ) -> torch.Tensor:
     """The Triton kernel; same contract as `received_mass_reference`."""
     _check_shapes(q_local, k_local, lse, window_len)
-    from ._received_mass_jit import LOG2E, received_mass_kernel
+    from ._episodic_attention_jit import LOG2E
+    from ._received_mass_jit import received_mass_kernel
 
     q_local = q_local if q_local.stride(-1) == 1 else q_local.contiguous()
     k_local = k_local if k_local.stride(-1) == 1 else k_local.contiguous()
@@ -65,15 +74,17 @@ def received_mass(
     if num_local == 0 or length == 0:
         return partial.sum(dim=1)
     block_d = max(16, next_power_of_2(d))
-    block_n = 64 if block_d <= 128 else 32
+    interpreted = is_interpreted(received_mass_kernel)
+    exact_fp32 = q_local.dtype == torch.float32 and not interpreted
+    block_m, block_n, num_warps = received_mass_launch_config(block_d, exact_fp32)
     grid = (math.ceil(num_local / block_n), b * hkv)
     received_mass_kernel[grid](
         q_local, k_local, lse, partial,
         *q_local.stride()[:3], *k_local.stride()[:3],
         hkv, length, num_local, window_len, d, scale * LOG2E,
-        GROUP=hq // hkv, BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d,
-        IEEE_FP32=q_local.dtype == torch.float32 or is_interpreted(received_mass_kernel),
-        num_warps=4, num_stages=2,
+        GROUP=hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        IEEE_FP32=q_local.dtype == torch.float32 or interpreted,
+        num_warps=num_warps, num_stages=2,
     )  # fmt: skip
     return partial.sum(dim=1)
 
