@@ -5,8 +5,9 @@
 #   EMLLM_GPU_CHECK_TINY=1 benchmarks/gpu_check.sh /tmp/check    # dry run on CPU: interpreter tests, tiny model
 #
 # Stages, each under its own `timeout`, each recorded in OUT_DIR/stages.json as soon as it ends:
-#   0 env      versions of python, torch, CUDA, triton, transformers; nvidia-smi        -> env.json
-#   1 wheels   only if EMLLM_WHEELS names a folder: pip-installs its wheels, no index (pytest, hypothesis, ...)
+#   0 wheels   only if EMLLM_WHEELS names a folder (benchmarks/gpu_payload.sh fills one): installs its wheels,
+#              no index, into a folder put first on PYTHONPATH (pydantic, the tested transformers)
+#   1 env      versions of python, torch, CUDA, triton, transformers; nvidia-smi        -> env.json
 #   2 tests    tests/test_kernels.py compiled on CUDA (no interpreter)                  -> kernel_tests.xml
 #   3 bench    benchmarks/gpu_bench.py: 8B-shaped random model, micro-benchmarks        -> gpu.json
 #              (rows are written as they are measured; copied to benchmarks/results/gpu.json at the end)
@@ -63,6 +64,17 @@ stage() {
     tail -n 5 "$OUT_DIR/$name.log"
 }
 
+if [[ -n "${EMLLM_WHEELS:-}" ]]; then
+    # into a folder of their own, first on the path: the image's packages stay as they are
+    SITE="${TMPDIR:-/tmp}/emllm-site"
+    stage wheels 90 bash -c '
+"$0" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$2" "$1"/*.whl || exit 1
+PYTHONPATH="$2:$PYTHONPATH" "$0" -c "import transformers; print(\"transformers\", transformers.__version__)" && exit 0
+echo "the carried transformers does not import here: falling back on the image'"'"'s own"
+rm -rf "$2"/transformers "$2"/transformers-*.dist-info' "$PY" "$EMLLM_WHEELS" "$SITE"
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+fi
+
 stage env 60 bash -c '
 "$0" - <<EOF > "$1/env.json"
 import json, platform, torch
@@ -78,11 +90,10 @@ print(json.dumps(info, indent=1))
 EOF
 cat "$1/env.json"; nvidia-smi || true' "$PY" "$OUT_DIR"
 
-if [[ -n "${EMLLM_WHEELS:-}" ]]; then
-    stage wheels 90 bash -c '"$0" -m pip install --no-index --no-deps "$1"/*.whl' "$PY" "$EMLLM_WHEELS"
-fi
-
-stage tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py --junitxml="$OUT_DIR/kernel_tests.xml"
+XDIST=()  # the kernel tests compile dozens of variants: spread them over the cores where xdist is installed
+[[ ${#TINY[@]} -eq 0 ]] && "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+stage tests 170 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_kernels.py \
+    --junitxml="$OUT_DIR/kernel_tests.xml"
 
 BENCH_BUDGET=$(( $(seconds_left) - 25 ))
 stage bench $(( BENCH_BUDGET + 15 )) "$PY" benchmarks/gpu_bench.py "${TINY[@]}" --out "$OUT_DIR/gpu.json" \
