@@ -8,6 +8,7 @@ measured). Rows that would not finish in the time budget are listed under "skipp
 
     python benchmarks/gpu_bench.py --out benchmarks/results/gpu.json --budget-s 280   # on a GPU
     python benchmarks/gpu_bench.py --tiny --out /tmp/gpu_tiny.json                   # CPU smoke run
+    TRITON_INTERPRET=1 python benchmarks/gpu_bench.py --tiny --out /tmp/gpu_tiny.json # ... kernel rows too
 
 Run from the repository root with PYTHONPATH=core:triton_kernels:. (benchmarks/gpu_check.sh does).
 """
@@ -357,7 +358,12 @@ def plan(args) -> list[tuple[int, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.json"))
-    parser.add_argument("--tiny", action="store_true", help="tiny model and sizes (a CPU smoke run)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny model and sizes: a CPU smoke run, of the kernel rows too "
+        "when TRITON_INTERPRET=1 is set as the process starts (the kernels then run in Triton's interpreter)",
+    )
     parser.add_argument("--contexts", type=int, nargs="+", help="default: 32k 128k 512k (tiny: 512 1024)")
     parser.add_argument("--full-max", type=int, default=131072, help="longest context for full attention")
     parser.add_argument("--torch-max", type=int, default=131072, help="longest context for the torch path")
@@ -369,6 +375,7 @@ def main() -> None:
 
     from emllm import EMLLMConfig
     from emllm.attention import use_triton_kernels
+    from emllm_kernels import interpreter_requested
 
     clock = Clock(args.budget_s)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -377,7 +384,8 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = TINY if args.tiny else LLAMA3_8B
     heads = (shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"])
-    use_kernels = use_triton_kernels("auto", device, heads[2])
+    smoke_kernels = args.tiny and device.type == "cpu" and interpreter_requested()
+    use_kernels = use_triton_kernels("triton" if smoke_kernels else "auto", device, heads[2])
     emllm_config = EMLLMConfig(**TINY_EMLLM) if args.tiny else EMLLMConfig.preset("llama-3-8b")
     meta = {
         "env": environment(device),

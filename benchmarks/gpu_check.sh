@@ -2,7 +2,7 @@
 # GPU check for the Triton kernels: one command, under 8 minutes, run from anywhere in the repository.
 #
 #   benchmarks/gpu_check.sh OUT_DIR          # or with $OUT set: benchmarks/gpu_check.sh
-#   EMLLM_GPU_CHECK_TINY=1 benchmarks/gpu_check.sh /tmp/check    # dry run on CPU: interpreter tests, tiny model
+#   EMLLM_GPU_CHECK_TINY=1 benchmarks/gpu_check.sh /tmp/check    # dry run on CPU: interpreter, tiny model
 #
 # Stages, each under its own `timeout`, each recorded in OUT_DIR/stages.json as soon as it ends:
 #   0 wheels   only if EMLLM_WHEELS names a folder (benchmarks/gpu_payload.sh fills one): installs its wheels,
@@ -96,8 +96,10 @@ stage tests 170 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_
     --junitxml="$OUT_DIR/kernel_tests.xml"
 
 BENCH_BUDGET=$(( $(seconds_left) - 25 ))
-stage bench $(( BENCH_BUDGET + 15 )) "$PY" benchmarks/gpu_bench.py "${TINY[@]}" --out "$OUT_DIR/gpu.json" \
-    --budget-s "$BENCH_BUDGET"
+INTERPRET=()  # the dry run takes the kernel rows too, in Triton's interpreter
+[[ ${#TINY[@]} -gt 0 ]] && INTERPRET=(env TRITON_INTERPRET=1)
+stage bench $(( BENCH_BUDGET + 15 )) "${INTERPRET[@]}" "$PY" benchmarks/gpu_bench.py "${TINY[@]}" \
+    --out "$OUT_DIR/gpu.json" --budget-s "$BENCH_BUDGET"
 if [[ -s "$OUT_DIR/gpu.json" && ${#TINY[@]} -eq 0 ]]; then
     mkdir -p benchmarks/results && cp "$OUT_DIR/gpu.json" benchmarks/results/gpu.json
 fi
