@@ -27,7 +27,8 @@ def replace_section(doc: Path, heading: str, section: str) -> None:
         text = text.rstrip() + "\n\n" + section
     else:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
+        following = text[end + 1 :] if end != -1 else ""
+        text = text[:start] + (section.rstrip("\n") + "\n\n" if following else section) + following
     doc.write_text(text)
 
 

@@ -1,4 +1,5 @@
-"""The generated inputs of the QA and conversation-memory benchmarks, and the RAG baseline's retriever.
+"""The generated inputs of the QA and conversation-memory benchmarks, the RAG baseline's retriever, and
+how results are written into docs/benchmarks.md.
 
 Tokenizer-level and with a toy embedding: no model weights."""
 
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import baselines
 import conversation_memory
 import qa_rag
+from report import replace_section
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +91,13 @@ def test_chunk_retriever_returns_the_most_similar_chunks_in_text_order(tokenizer
     retriever = baselines.ChunkRetriever(texts, tokenizer, 64, 2, _WordEmbedding())
     assert retriever.chunks("where is the dog?") == ["a dog ran", "the dog barked at the cat"]
     assert retriever.chunks("a cat and a bird") == ["the cat sat", "a bird sang"]
+
+
+def test_replace_section_rewrites_one_section_and_keeps_the_blank_line_before_the_next(tmp_path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## A\n\nold a\n\n## B\n\nold b\n")
+    replace_section(doc, "## A", "## A\n\n| new | a |\n")  # as the scripts pass it: one final newline
+    assert doc.read_text() == "# Benchmarks\n\n## A\n\n| new | a |\n\n## B\n\nold b\n"
+    replace_section(doc, "## B", "## B\n\nnew b\n")  # the last section
+    replace_section(doc, "## C", "## C\n\nc\n")  # absent: appended
+    assert doc.read_text().endswith("| new | a |\n\n## B\n\nnew b\n\n## C\n\nc\n")

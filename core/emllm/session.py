@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -110,8 +111,9 @@ class Session:
             self._event_sizes = torch.empty(0, dtype=torch.long)
             self._text_parts: list[str] = []
             self._char_len = 0
-            self._char_start: list[int] = []
-            self._char_end: list[int] = []
+            # per-token char spans as packed int64 (8 bytes a value, not a Python int each: 1M tokens)
+            self._char_start = array("q")
+            self._char_end = array("q")
             self._sources: list[tuple[int, str | None]] = []
             self._tokens_computed = 0
             self._tokens_reused = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,12 @@ def _token_records(session: Session, start: int, stop: int, computed_stop: int) 
         "char_start": torch.tensor(session._char_start[start:stop], dtype=torch.int64),
         "char_end": torch.tensor(session._char_end[start:stop], dtype=torch.int64),
     }
+
+
+def _int64_array(values: torch.Tensor) -> array:
+    packed = array("q")
+    packed.frombytes(values.to(torch.int64).contiguous().numpy().tobytes())
+    return packed
 
 
 def _text_bytes(text: str, start: int, stop: int) -> torch.Tensor:
@@ -173,8 +180,8 @@ def restore(session: Session, segments: list[tuple[SegmentRecord, TensorFile]], 
     timeline.boundary = torch.cat([p.get("boundary") for p in parts]).bool()
     timeline.events = [tuple(span) for _, mapped in segments for span in mapped.get("events").tolist()]
     timeline.init_len, timeline.window_start = meta["init_len"], meta["window_start"]
-    session._char_start = torch.cat([p.get("char_start") for p in parts]).tolist()
-    session._char_end = torch.cat([p.get("char_end") for p in parts]).tolist()
+    session._char_start = _int64_array(torch.cat([p.get("char_start") for p in parts]))
+    session._char_end = _int64_array(torch.cat([p.get("char_end") for p in parts]))
     text = b"".join(p.get("text").numpy().tobytes() for p in parts).decode("utf-8")
     session._text_parts, session._char_len = [text], len(text)
     session._sources = [(int(start), source) for start, source in meta["sources"]]
