@@ -100,6 +100,8 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
     """Combine attention over disjoint key sets.
 
     out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i: exactly one softmax over all keys.
+    emllm_kernels.merge_splits is the same merge over stacked partials (the fused kernel's split-KV runs).
+    This one stays a loop: stacking 2-3 parts costs the CPU path 1.7x (30 us a layer per decoded token).
     """
     if len(parts) == 1:
         return parts[0]

@@ -81,12 +81,27 @@ def _standard_library_interpreted() -> bool:
     return is_interpreted(tl.zeros)
 
 
+@functools.cache
+def _cuda_properties(index: int):
+    """Read once per device: the launchers ask on every call, per layer and decoded token."""
+    return torch.cuda.get_device_properties(index)
+
+
+def _properties(device: torch.device):
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def compute_capability(device: torch.device) -> int:
     """Major x 10 + minor for a CUDA device (90: H100); 90 elsewhere (the interpreter ignores it)."""
     if device.type != "cuda":
         return 90
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    properties = _properties(device)
+    return 10 * properties.major + properties.minor
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM or H200)."""
+    return _properties(device).multi_processor_count
 
 
 def next_power_of_2(n: int) -> int:
@@ -100,6 +115,7 @@ __all__ = [
     "compute_capability",
     "interpreter_requested",
     "is_interpreted",
+    "multiprocessor_count",
     "next_power_of_2",
     "triton_installed",
     "unavailable_reason",

@@ -13,6 +13,7 @@ alignment and divisibility a launch on contiguous tensors (head_dim 64 or 128) g
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -71,19 +72,10 @@ class ResourceUsage:
 
 
 def _jitted(kernel: str):
-    if kernel == "episodic_attention":
-        from ._episodic_attention_jit import episodic_attention_kernel
-
-        return episodic_attention_kernel
-    if kernel == "received_mass":
-        from ._received_mass_jit import received_mass_kernel
-
-        return received_mass_kernel
-    if kernel == "event_scores":
-        from ._event_scores_jit import event_scores_kernel
-
-        return event_scores_kernel
-    raise ValueError(f"unknown kernel {kernel!r}")
+    """The jitted function of a kernel, from its private module (`_<kernel>_jit.<kernel>_kernel`)."""
+    if kernel not in ("episodic_attention", "received_mass", "event_scores"):
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return getattr(importlib.import_module(f"._{kernel}_jit", __package__), f"{kernel}_kernel")
 
 
 def _launch_config(variant: Variant, arch: int) -> tuple[dict, int]:

@@ -16,7 +16,14 @@ import math
 
 import torch
 
-from .backend import MAX_HEAD_DIM, check_launchable, compute_capability, is_interpreted, next_power_of_2
+from .backend import (
+    MAX_HEAD_DIM,
+    check_launchable,
+    compute_capability,
+    is_interpreted,
+    multiprocessor_count,
+    next_power_of_2,
+)
 
 
 def _check_shapes(q_mem, q_local, k_global, v_global, k_local, v_local, window_len: int) -> None:
@@ -104,7 +111,7 @@ def split_count(programs: int, keys: int, block_n: int, device: torch.device) ->
     chunk of a Llama-3-8B shape)."""
     if device.type != "cuda":
         return 1
-    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    processors = multiprocessor_count(device)
     if 2 * programs > processors:
         return 1
     return max(1, min(processors // programs, keys // (4 * block_n)))
@@ -121,7 +128,8 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, B, Hq, L, D) normalised partials and their (S, B, Hq, L) lse -> one softmax's (out fp32, lse)."""
+    """(S, B, Hq, L, D) normalised partials over disjoint key sets and their (S, B, Hq, L) lse -> one
+    softmax's (out fp32, lse). Stacked, so any number of splits costs a fixed handful of kernel launches."""
     total = torch.logsumexp(lse, dim=0)
     weights = torch.exp(lse - total).nan_to_num_(0.0)  # an all -inf row (no key at all) weighs nothing
     return (weights[..., None] * out.float()).sum(dim=0), total
