@@ -402,6 +402,52 @@ def test_truncate_into_evicted_events(engine, where) -> None:
     assert_memory_consistent(session)
 
 
+def test_cut_to_at_most_n_local_tokens_continues_like_a_session_that_read_only_them(make_engine) -> None:
+    """When the kept tokens fit in n_local, init and every event go back into the window: the session is
+    then the one that only read the kept prefix (event K/V kept in fp32 here, so exactly that one)."""
+    engine = make_engine(n_local=64, offload_dtype="float32")
+    ids = random_ids(300, seed=11)
+    cut, fresh = engine.session(), engine.session()
+    cut.feed(ids)
+    assert cut.timeline.events and cut.timeline.init_len
+    cut.truncate(48)
+    assert (cut.timeline.init_len, cut.timeline.events, cut.timeline.window_start) == (0, [], 0)
+    assert_memory_consistent(cut)
+    fresh.feed(ids[:48])
+    assert cut.generate(max_new_tokens=6) == fresh.generate(max_new_tokens=6)
+    assert cut.token_ids == fresh.token_ids
+
+
+def test_cut_deep_into_memory_refills_the_window_with_the_last_events(make_engine) -> None:
+    """A cut far behind the window does not leave it empty: the last whole events that fit in n_local
+    return to it, keys and values unchanged, and the session reads on from there."""
+    engine = make_engine(n_local=64, offload_dtype="float32")
+    session = engine.session()
+    session.feed(random_ids(600, seed=12))
+    events = list(session.timeline.events)
+    last = len(events) // 2
+    end = events[last][1]
+    first = min(i for i in range(last + 1) if end - events[i][0] <= 64)
+    assert first > 0  # some events stay in memory
+    returned = [
+        (
+            torch.cat(list(layer.events_k)[first : last + 1], dim=2),
+            torch.cat(list(layer.events_v)[first : last + 1], dim=2),
+        )
+        for layer in session.layers
+    ]
+    session.truncate(end + 1)  # memory keeps `end` tokens; the last one is recomputed when reading on
+    assert session.timeline.events == events[:first]
+    assert session.timeline.window_start == events[first][0]
+    for layer, (keys, values) in zip(session.layers, returned, strict=True):
+        assert layer.length == end - events[first][0]
+        assert torch.equal(layer.k_raw[:, :, : layer.length], keys)
+        assert torch.equal(layer.v[:, :, : layer.length], values)
+    assert_memory_consistent(session)
+    session.feed(random_ids(200, seed=13))
+    assert_memory_consistent(session)
+
+
 def test_truncate_inside_generated_tokens(engine) -> None:
     session = engine.session()
     fed = session.feed(PROMPT)

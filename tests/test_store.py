@@ -127,14 +127,36 @@ def test_truncate_then_save_matches_memory(model, tmp_path, cut) -> None:
     ]
     session.truncate(n)
     session.feed(" and then something else happened entirely")
+    engine, again = _save_and_reopen_the_same(engine, model, session)
+    assert files_of(engine, "cut") == {r.file for r in again._saved.segments} | {again._saved.state_file}
+
+
+def test_cut_whose_window_refill_reaches_an_earlier_save_matches_memory(model, tmp_path) -> None:
+    """A cut behind the window puts the last events back into it; when those events were saved by an
+    earlier save, that segment no longer matches the session and the next save must replace it."""
+    engine = open_engine(model, tmp_path)
+    session = engine.session("refill")
+    session.feed(prose(700, seed=6))
+    session.save()
+    first_save_end = session._saved.segments[-1].token_end
+    session.feed(prose(700, seed=7))
+    session.save()
+    session.truncate(first_save_end + 3)
+    assert session.timeline.window_start < first_save_end  # the refill took events of the first save
+    session.feed(" and then something else happened entirely")
+    _save_and_reopen_the_same(engine, model, session)
+
+
+def _save_and_reopen_the_same(engine: EMLLM, model, session) -> tuple[EMLLM, emllm.Session]:
+    """Save, restart, and check the reopened session holds the same tokens and events."""
     session.save()
     expected_ids, expected_events = session.token_ids, session.events()
     engine = reopen(engine, model)
-    again = engine.session("cut")
+    again = engine.session(session.id)
     assert again.token_ids == expected_ids
     assert again.events() == expected_events
     assert_memory_consistent(again)
-    assert files_of(engine, "cut") == {r.file for r in again._saved.segments} | {again._saved.state_file}
+    return engine, again
 
 
 def test_ram_budget_serves_events_from_disk_with_the_same_results(model, tmp_path) -> None:

@@ -72,6 +72,24 @@ class Timeline:
         self.events = kept
         return len(kept), last_len
 
+    def reopen_window(self, n_local: int) -> tuple[int, int]:
+        """After a cut: move the last events back into the window while it holds at most n_local tokens,
+        and the init block too once everything fits, as in a session that only read the kept tokens.
+
+        Without this a cut into memory leaves an empty window, so the next tokens would see their recent
+        past only through retrieval. Returns (events returned, init tokens returned).
+        """
+        count = 0
+        while count < len(self.events) and self.num_tokens - self.events[-1 - count][0] <= n_local:
+            count += 1
+        if count:
+            self.window_start = self.events[-count][0]
+            del self.events[-count:]
+        init_back = self.init_len if not self.events and self.num_tokens <= n_local else 0
+        if init_back:
+            self.window_start, self.init_len = 0, 0
+        return count, init_back
+
 
 def plan_eviction(timeline: Timeline, config: EMLLMConfig) -> tuple[int, list[tuple[int, int]]]:
     """Which window tokens leave: (tokens joining init, event spans as window offsets), unrefined."""

@@ -342,6 +342,21 @@ class LayerMemory:
         self.init_v = self.init_v[:, :, :keep]
         self._selection, self._global = None, None
 
+    def reopen_window(self, events: int, init_tokens: int, rotary: RotaryTable) -> None:
+        """Fill the emptied window with the last `events` events, after the init block when `init_tokens`
+        (then all of it) returns too; re-rotated from position 0, their attention mass starting at zero."""
+        keep = len(self.events_k) - events
+        blocks = [(self.events_k[i], self.events_v[i]) for i in range(keep, len(self.events_k))]
+        if init_tokens:
+            blocks.insert(0, (self.init_k, self.init_v))
+        keys = torch.cat([k.to(self.device, self.dtype) for k, _ in blocks], dim=2)
+        values = torch.cat([v.to(self.device, self.dtype) for _, v in blocks], dim=2)
+        self.truncate_window(0)
+        self._append(keys, rotary.rotate(keys, 0), values)
+        self.truncate_events(keep, None)
+        if init_tokens:
+            self.truncate_init(0)
+
     # -- accounting -----------------------------------------------------------------------------
     def device_bytes(self) -> int:
         """Working set on the compute device: init, window buffers, representatives, cached events.

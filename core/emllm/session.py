@@ -506,7 +506,11 @@ class Session:
         return self._sources[i][1] if i >= 0 else None
 
     def truncate(self, n_tokens: int) -> None:
-        """Cut the session back to its first n_tokens (for a history that diverged)."""
+        """Cut the session back to its first n_tokens (for a history that diverged).
+
+        A cut behind the local window puts the last events back into it (as many as fit in n_local), so
+        what follows the cut sees its recent past locally, as in a session that only read the kept tokens.
+        """
         with self._lock:
             total = len(self.token_ids)
             if not 0 <= n_tokens <= total:
@@ -526,15 +530,27 @@ class Session:
             self._saved.invalidate_after(n_tokens=n_tokens)
         window_start = self.timeline.window_start
         kept_events, last_len = self.timeline.truncate(n_tokens)
-        for layer in self.layers:
-            if n_tokens >= window_start:
+        if n_tokens >= window_start:
+            for layer in self.layers:
                 layer.truncate_window(n_tokens - window_start)
-            else:
+        else:
+            for layer in self.layers:
                 layer.truncate_window(0)
                 layer.truncate_events(kept_events, last_len)
                 layer.truncate_init(self.timeline.init_len)
+            self._refill_window()
         self._event_sizes = self.timeline.event_sizes()
         self._last_logprobs = None
+
+    def _refill_window(self) -> None:
+        """A cut behind the window emptied it: the last events that fit in n_local go back into it."""
+        returned = self.timeline.reopen_window(self.engine.config.n_local)
+        if not any(returned):
+            return
+        for layer in self.layers:
+            layer.reopen_window(*returned, self.engine.rotary)
+        if self._saved is not None:
+            self._saved.invalidate_after(n_tokens=self.timeline.window_start)
 
     def _truncate_text(self, n_tokens: int) -> None:
         chars = self._char_end[n_tokens - 1] if n_tokens else 0
