@@ -195,6 +195,18 @@ def test_relevance_scores_ignore_shared_components_and_key_length() -> None:
     assert relevance_scores(reprs[:1], query, 1).isfinite().all()  # one event: no direction, no NaN
 
 
+def test_relevance_scores_over_many_slices_match_whole_centring() -> None:
+    """Scores are centred slice by slice; across slice edges and under a large shared key offset (where
+    expanding |r - m|^2 in fp32 loses digits) they equal centring all events at once in float64."""
+    gen = torch.Generator().manual_seed(1)
+    num_events, width = 2 * 1024 + 37, 24
+    reprs = torch.randn(num_events, width, generator=gen) * 3 + 1000.0 * torch.randn(width, generator=gen)
+    query = torch.randn(1, 2, width // 2, generator=gen)  # 2 query heads over 2 KV heads
+    centred = reprs.double() - reprs.double().mean(dim=0)
+    expected = centred @ group_query_for_scoring(query, 2).double() / centred.norm(dim=1)
+    assert torch.allclose(relevance_scores(reprs, query, 2).double(), expected, atol=1e-4)
+
+
 def test_planted_representative_is_retrieved(make_engine) -> None:
     engine = make_engine(n_init=4, n_local=64, n_mem=24, chunk_size=16, min_event_size=4, max_event_size=8)
     session = engine.session("plant")

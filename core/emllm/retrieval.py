@@ -24,9 +24,21 @@ def relevance_scores(reprs: torch.Tensor, q_mem_mean: torch.Tensor, num_kv_heads
     query centred as well, a planted fact in 6k tokens of Austen went from rank 11 to rank 0 for its
     question, while unrelated questions ranked other events first (SmolLM2-135M).
     """
-    centred = reprs - reprs.mean(dim=0, keepdim=True)
-    centred = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    return centred @ group_query_for_scoring(q_mem_mean, num_kv_heads)
+    query = group_query_for_scoring(q_mem_mean, num_kv_heads)
+    mean = reprs.mean(dim=0)
+    scores = torch.empty(reprs.shape[0], dtype=query.dtype, device=reprs.device)
+    for start in range(0, reprs.shape[0], _CENTRING_ROWS):
+        centred = reprs[start : start + _CENTRING_ROWS] - mean
+        norms = torch.linalg.vector_norm(centred, dim=1).clamp_min(1e-6)
+        scores[start : start + _CENTRING_ROWS] = (centred @ query) / norms
+    return scores
+
+
+# Centring in cache-sized slices instead of copying all reprs twice: at 1M tokens (74,680 events of
+# SmolLM2) one layer took 97 ms on one core with whole copies and 15 ms in slices of 1024 rows (2048:
+# 17, 8192: 27). Expanding |r - m|^2 avoids copies too, but loses digits in fp32 when keys share a
+# large offset.
+_CENTRING_ROWS = 1024
 
 
 def select_events(
