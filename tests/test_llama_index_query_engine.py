@@ -125,6 +125,23 @@ def test_new_documents_under_the_same_session_id_are_read_afresh(llm, docs):
     assert nodes and {n.node.ref_doc_id for n in nodes} == {"chapter-2"}
 
 
+def test_a_question_gets_the_same_answer_and_sources_whatever_was_asked_before(make_smol_engine, docs):
+    """Answers long enough to push the documents' end out of the 64-token window: the engine still
+    returns to the documents exactly as the first question found them."""
+    llm = EMLLM(engine=make_smol_engine(), max_new_tokens=48)
+    engine = EpisodicQueryEngine.from_documents(docs, llm=llm, show_progress=False)
+    session = llm.engine.session(engine.session_id)
+    documents_events = len(session.timeline.events)
+    first = engine.query("Who is Mr. Bingley?")
+    assert len(session.timeline.events) > documents_events  # the question and answer pushed events out
+    engine.query("What did Mrs. Bennet say about Netherfield?")
+    again = engine.query("Who is Mr. Bingley?")
+    assert again.response == first.response
+    assert [(n.node.node_id, n.score) for n in again.source_nodes] == [
+        (n.node.node_id, n.score) for n in first.source_nodes
+    ]
+
+
 def test_streaming_answer_matches_the_plain_one(make_smol_engine, docs):
     def build(streaming):  # fresh engines with the same weights: the same state before the question
         llm = EMLLM(engine=make_smol_engine(), max_new_tokens=6)

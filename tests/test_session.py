@@ -448,6 +448,23 @@ def test_cut_deep_into_memory_refills_the_window_with_the_last_events(make_engin
     assert_memory_consistent(session)
 
 
+def test_a_cut_keeps_the_device_copies_of_the_events_it_leaves_unchanged(make_engine) -> None:
+    engine = make_engine(device_cache_events=64)
+    session = engine.session()
+    session.feed(random_ids(600, seed=14))
+    events = session.timeline.events
+    session.truncate(events[len(events) // 2][0] + 2)  # mid-event: that event is cut short
+    kept = len(session.timeline.events)
+    for layer in session.layers:
+        assert layer._cache, "the cut dropped the device copies of events it did not change"
+        for event, (keys, values) in layer._cache.items():
+            assert event < kept
+            assert torch.equal(keys, layer.events_k[event].to(keys.dtype))
+            assert torch.equal(values, layer.events_v[event].to(values.dtype))
+    session.feed(random_ids(100, seed=15))
+    assert_memory_consistent(session)
+
+
 def test_truncate_inside_generated_tokens(engine) -> None:
     session = engine.session()
     fed = session.feed(PROMPT)
@@ -460,6 +477,110 @@ def test_truncate_inside_generated_tokens(engine) -> None:
     assert session.token_ids == list(PROMPT.encode()) and session.text == PROMPT
     session.feed("x")
     assert session.text == PROMPT + "x"
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _state(session) -> tuple:
+    """Everything that decides what a session does next, as comparable values."""
+    timeline = session.timeline
+    layers = [
+        (
+            layer.init_k.clone(),
+            layer.k_raw[:, :, : layer.length].clone(),
+            layer.k_rot[:, :, : layer.length].clone(),
+            layer.v[:, :, : layer.length].clone(),
+            layer.mass[: layer.length].clone(),
+            layer._selection,
+            None if layer._query_sum is None else layer._query_sum.clone(),
+            None if layer.corpus_query_sum is None else layer.corpus_query_sum.clone(),
+        )
+        for layer in session.layers
+    ]
+    scalars = (session.token_ids, session.text, timeline.events, timeline.init_len, timeline.window_start)
+    return scalars, timeline.surprise.clone(), timeline.boundary.clone(), layers
+
+
+def _assert_same_state(got: tuple, expected: tuple) -> None:
+    def same(a, b) -> bool:  # bitwise, NaN (unknown surprise) equal to NaN
+        if not isinstance(a, torch.Tensor):
+            return a == b
+        return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=0, atol=0, equal_nan=True)
+
+    assert got[0] == expected[0]
+    assert same(got[1], expected[1]) and same(got[2], expected[2])
+    for layer_got, layer_expected in zip(got[3], expected[3], strict=True):
+        assert all(same(a, b) for a, b in zip(layer_got, layer_expected, strict=True))
+
+
+def test_rewind_returns_exactly_to_the_checkpoint_and_answers_the_same_again(engine) -> None:
+    """The same question after rewinding gets the same greedy answer and the same retrieval, although
+    question and answer pushed part of the checkpoint's window out as events (a truncate back to the
+    same length would keep those as events)."""
+    session = engine.session()
+    session.feed(prose(400, seed=20))
+    before = _state(session)
+    checkpoint = session.checkpoint()
+    first = session.generate("What did the cat do? " * 3, max_new_tokens=40)
+    assert len(session.timeline.events) > checkpoint.events  # the question pushed events out
+    hits = session.retrieve("the quiet engines", k=3)
+    session.rewind(checkpoint)
+    _assert_same_state(_state(session), before)
+    assert_memory_consistent(session)
+    assert session.generate("What did the cat do? " * 3, max_new_tokens=40) == first
+    assert session.retrieve("the quiet engines", k=3) == hits
+    session.rewind(checkpoint)  # a checkpoint serves any number of rewinds
+    _assert_same_state(_state(session), before)
+
+
+def test_rewind_restores_pending_tokens_and_drops_later_checkpoints(engine) -> None:
+    session = engine.session()
+    session.generate(PROMPT, max_new_tokens=5)
+    assert session.stats().pending_tokens == 1
+    checkpoint = session.checkpoint()
+    before = _state(session)
+    session.feed(" and more")
+    later = session.checkpoint()
+    session.generate(max_new_tokens=5)
+    session.rewind(checkpoint)
+    _assert_same_state(_state(session), before)
+    assert session.stats().pending_tokens == 1
+    with pytest.raises(emllm.StaleCheckpointError):
+        session.rewind(later)  # its tokens were cut away by the rewind
+
+
+def test_a_cut_below_a_checkpoint_makes_it_stale(engine) -> None:
+    session, other = engine.session(), engine.session()
+    session.feed(prose(300, seed=21))
+    checkpoint = session.checkpoint()
+    with pytest.raises(emllm.StaleCheckpointError, match="another session"):
+        other.rewind(checkpoint)
+    session.feed(" more")
+    session.truncate(checkpoint.tokens)  # a cut down to its length keeps it
+    session.rewind(checkpoint)
+    session.truncate(checkpoint.tokens - 1)
+    with pytest.raises(emllm.StaleCheckpointError):
+        session.rewind(checkpoint)
+    assert session.token_ids == list(prose(300, seed=21).encode())[:-1]  # the failed rewind changed nothing
+    fresh = session.checkpoint()
+    session.reset()
+    with pytest.raises(emllm.StaleCheckpointError):
+        session.rewind(fresh)
+
+
+def test_a_cut_whose_window_refill_takes_checkpointed_events_makes_it_stale(make_engine) -> None:
+    """A cut at the checkpoint's length but behind the window refills the window with events, some of
+    which the checkpoint shares with the session: it can no longer return to them."""
+    engine = make_engine(n_local=64)
+    session = engine.session()
+    session.feed(random_ids(300, seed=22))
+    checkpoint = session.checkpoint()
+    session.feed(random_ids(200, seed=23))
+    session.truncate(checkpoint.tokens + 1)
+    assert len(session.timeline.events) < checkpoint.events
+    with pytest.raises(emllm.StaleCheckpointError):
+        session.rewind(checkpoint)
 
 
 # ------------------------------------------------------------------------------------------ threads

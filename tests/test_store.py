@@ -147,6 +147,21 @@ def test_cut_whose_window_refill_reaches_an_earlier_save_matches_memory(model, t
     _save_and_reopen_the_same(engine, model, session)
 
 
+def test_rewind_past_a_save_then_save_matches_memory(model, tmp_path) -> None:
+    """Events saved after a checkpoint are dropped by a rewind; the next save must not keep them."""
+    engine = open_engine(model, tmp_path)
+    session = engine.session("rewind")
+    session.feed(prose(500, seed=8))
+    session.save()
+    checkpoint = session.checkpoint()
+    session.feed(prose(40, seed=9))  # pushes out events of the checkpoint's window only
+    session.save()
+    assert checkpoint.window_start < session._saved.segments[-1].token_end <= checkpoint.tokens
+    session.rewind(checkpoint)
+    engine, again = _save_and_reopen_the_same(engine, model, session)
+    assert files_of(engine, "rewind") == {r.file for r in again._saved.segments} | {again._saved.state_file}
+
+
 def _save_and_reopen_the_same(engine: EMLLM, model, session) -> tuple[EMLLM, emllm.Session]:
     """Save, restart, and check the reopened session holds the same tokens and events."""
     session.save()

@@ -18,6 +18,7 @@ from .errors import (
     ModelMismatchError,
     SessionLockedError,
     SessionNotFoundError,
+    StaleCheckpointError,
     StoreError,
     UnsupportedModelError,
 )
@@ -32,11 +33,13 @@ _LAZY = {
     "RetrievalHit": "session",
     "Session": "session",
     "SessionStats": "session",
+    "SessionCheckpoint": "checkpoint",
     "SessionStore": "store",
     "StoredSession": "store",
 }
 
 if TYPE_CHECKING:
+    from .checkpoint import SessionCheckpoint
     from .engine import EMLLM
     from .generation import GenerationConfig
     from .models import SUPPORTED_MODEL_TYPES
@@ -75,10 +78,12 @@ __all__ = [
     "ModelMismatchError",
     "RetrievalHit",
     "Session",
+    "SessionCheckpoint",
     "SessionLockedError",
     "SessionNotFoundError",
     "SessionStats",
     "SessionStore",
+    "StaleCheckpointError",
     "StoreError",
     "StoredSession",
     "UnsupportedModelError",

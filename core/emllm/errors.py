@@ -30,6 +30,10 @@ class SessionNotFoundError(EMLLMError, KeyError):
         return str(self.args[0]) if self.args else "session not found"
 
 
+class StaleCheckpointError(EMLLMError, ValueError):
+    """A checkpoint the session can no longer return to (a cut removed what it held), or another's."""
+
+
 class StoreError(EMLLMError):
     """Base class of session-store failures."""
 
@@ -65,6 +69,7 @@ __all__ = [
     "ModelMismatchError",
     "SessionLockedError",
     "SessionNotFoundError",
+    "StaleCheckpointError",
     "StoreError",
     "UnsupportedModelError",
 ]

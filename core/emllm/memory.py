@@ -43,6 +43,28 @@ class ChunkContext:
     max_local_distance: int = 0
 
 
+@dataclass(frozen=True)
+class LayerCheckpoint:
+    """What of a LayerMemory changes as tokens are read, copied where the layer writes in place (the
+    window); init and query sums are replaced, never written into, so they are kept by reference."""
+
+    events: int
+    init_k: torch.Tensor
+    init_v: torch.Tensor
+    window_k: torch.Tensor  # raw keys; the rotated copy is recomputed on rewind
+    window_v: torch.Tensor
+    mass: torch.Tensor
+    query_sum: torch.Tensor | None
+    query_count: int
+    corpus_query_sum: torch.Tensor | None
+    corpus_query_count: int
+    selection: tuple[int, ...] | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(t) for t in (self.window_k, self.window_v, self.mass))
+
+
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -329,12 +351,14 @@ class LayerMemory:
     def truncate_events(self, keep_events: int, last_event_len: int | None) -> None:
         """Keep the first keep_events events; optionally cut the last kept one to last_event_len tokens."""
         del self.events_k[keep_events:], self.events_v[keep_events:]
+        unchanged = keep_events
         if last_event_len is not None and keep_events:
-            i = keep_events - 1
+            i = unchanged = keep_events - 1
             self.events_k[i] = self.events_k[i][:, :, :last_event_len].contiguous()
             self.events_v[i] = self.events_v[i][:, :, :last_event_len].contiguous()
             self.reprs[i] = self.events_k[i][0].float().mean(dim=1).reshape(-1)
-        self._cache.clear()
+        for event in [e for e in self._cache if e >= unchanged]:  # the device copies of the rest stay
+            del self._cache[event]
         self._selection, self._global = None, None
 
     def truncate_init(self, keep: int) -> None:
@@ -357,6 +381,35 @@ class LayerMemory:
         if init_tokens:
             self.truncate_init(0)
 
+    # -- checkpoints ----------------------------------------------------------------------------
+    def checkpoint(self) -> LayerCheckpoint:
+        n = self.length
+        return LayerCheckpoint(
+            len(self.events_k),
+            self.init_k,
+            self.init_v,
+            self.k_raw[:, :, :n].clone(),
+            self.v[:, :, :n].clone(),
+            self.mass[:n].clone(),
+            self._query_sum,
+            self._query_count,
+            self.corpus_query_sum,
+            self.corpus_query_count,
+            self._selection,
+        )
+
+    def rewind(self, checkpoint: LayerCheckpoint, rotary: RotaryTable) -> None:
+        """Back to `checkpoint`; the events it held must be unchanged (the session checks)."""
+        self.truncate_events(checkpoint.events, None)
+        self.init_k, self.init_v = checkpoint.init_k, checkpoint.init_v
+        self.truncate_window(0)
+        window = checkpoint.window_k
+        self._append(window, rotary.rotate(window, 0), checkpoint.window_v, checkpoint.mass)
+        self._query_sum, self._query_count = checkpoint.query_sum, checkpoint.query_count
+        self.corpus_query_sum = checkpoint.corpus_query_sum
+        self.corpus_query_count = checkpoint.corpus_query_count
+        self._selection, self._global = checkpoint.selection, None
+
     # -- accounting -----------------------------------------------------------------------------
     def device_bytes(self) -> int:
         """Working set on the compute device: init, window buffers, representatives, cached events.
@@ -377,4 +430,4 @@ class LayerMemory:
         return self.events_k.disk_bytes() + self.events_v.disk_bytes()
 
 
-__all__ = ["ChunkContext", "LayerMemory"]
+__all__ = ["ChunkContext", "LayerCheckpoint", "LayerMemory"]

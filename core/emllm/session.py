@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import weakref
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import SessionCheckpoint
 from .episodes import Timeline, evict
-from .errors import EmptyInputError, StoreError
+from .errors import EmptyInputError, StaleCheckpointError, StoreError
 from .generation import GenerationConfig, TextAccumulator, choose_token
 from .memory import ChunkContext, LayerMemory
 from .segmentation import token_surprise
@@ -92,6 +94,7 @@ class Session:
         self.id = session_id
         self._lock = threading.RLock()
         self._saved: SavedState | None = None  # set when a SessionStore holds this session
+        self._checkpoints: weakref.WeakSet[SessionCheckpoint] = weakref.WeakSet()  # the ones still valid
         self.reset()
 
     def reset(self) -> None:
@@ -119,6 +122,7 @@ class Session:
             self._tokens_reused = 0
             self._max_local_distance = 0
             self._decode_steps = 0
+            self._checkpoints.clear()
             if self._saved is not None:
                 self._saved.invalidate_after(n_tokens=0, n_chars=0)
 
@@ -541,6 +545,8 @@ class Session:
             self._refill_window()
         self._event_sizes = self.timeline.event_sizes()
         self._last_logprobs = None
+        events = len(self.timeline.events)
+        self._drop_checkpoints(lambda cp: cp.window_start > n_tokens or cp.events > events)
 
     def _refill_window(self) -> None:
         """A cut behind the window emptied it: the last events that fit in n_local go back into it."""
@@ -560,6 +566,69 @@ class Session:
         if self._saved is not None:
             self._saved.invalidate_after(n_chars=chars)
         self._sources = [(s, src) for s, src in self._sources if s < n_tokens]
+        self._drop_checkpoints(lambda cp: cp.tokens > n_tokens)
+
+    def _drop_checkpoints(self, stale: Callable[[SessionCheckpoint], bool]) -> None:
+        for checkpoint in [cp for cp in self._checkpoints if stale(cp)]:
+            self._checkpoints.discard(checkpoint)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def checkpoint(self) -> SessionCheckpoint:
+        """The session's state now, to return to exactly with `rewind`.
+
+        It copies each layer's local window (n_local tokens of keys and values, `.nbytes`); events are
+        shared, not copied. A cut that removes tokens it holds makes it stale.
+        """
+        with self._lock:
+            timeline = self.timeline
+            start, computed = timeline.window_start, timeline.num_tokens
+            checkpoint = SessionCheckpoint(
+                session_id=self.id,
+                tokens=len(self.token_ids),
+                init_len=timeline.init_len,
+                events=len(timeline.events),
+                window_start=start,
+                window_ids=timeline.token_ids[start:computed],
+                window_surprise=timeline.surprise[start:computed].clone(),
+                window_boundary=timeline.boundary[start:computed].clone(),
+                pending=list(self._pending),
+                last_logprobs=_copy(self._last_logprobs),  # a logits_processor may write into it
+                decode_steps=self._decode_steps,
+                layers=[layer.checkpoint() for layer in self.layers],
+            )
+            self._checkpoints.add(checkpoint)
+            return checkpoint
+
+    def rewind(self, checkpoint: SessionCheckpoint) -> None:
+        """Return to the state `checkpoint` was taken in: what was read or generated since is dropped,
+        and what follows behaves exactly as it did then (the same question, the same greedy answer).
+
+        Raises StaleCheckpointError when a cut since then removed tokens the checkpoint holds, or when it
+        belongs to another session (or to this one before a reset).
+        """
+        with self._lock:
+            if checkpoint not in self._checkpoints:
+                raise StaleCheckpointError(
+                    f"session {self.id!r} cannot rewind to this checkpoint (taken in session "
+                    f"{checkpoint.session_id!r}): a cut since then removed tokens it holds, or it is "
+                    "another session's"
+                )
+            self._truncate_text(checkpoint.tokens)
+            timeline, start = self.timeline, checkpoint.window_start
+            del timeline.token_ids[start:]
+            timeline.token_ids.extend(checkpoint.window_ids)
+            timeline.surprise = torch.cat((timeline.surprise[:start], checkpoint.window_surprise))
+            timeline.boundary = torch.cat((timeline.boundary[:start], checkpoint.window_boundary))
+            del timeline.events[checkpoint.events :]
+            timeline.init_len, timeline.window_start = checkpoint.init_len, start
+            for layer, layer_checkpoint in zip(self.layers, checkpoint.layers, strict=True):
+                layer.rewind(layer_checkpoint, self.engine.rotary)
+            self._pending = list(checkpoint.pending)
+            self._last_logprobs = _copy(checkpoint.last_logprobs)
+            self._decode_steps = checkpoint.decode_steps
+            self._event_sizes = timeline.event_sizes()
+            if self._saved is not None:
+                self._saved.invalidate_after(n_tokens=start)
 
     # -- persistence --------------------------------------------------------------------------------
     def save(self) -> None:
@@ -604,6 +673,10 @@ class Session:
                 max_local_distance=self._max_local_distance,
                 memory_distance=self.engine.config.memory_distance,
             )
+
+
+def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.clone()
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

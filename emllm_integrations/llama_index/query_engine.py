@@ -97,6 +97,7 @@ class EpisodicQueryEngine(CustomQueryEngine):
 
     _session: emllm.Session = PrivateAttr()
     _manifest: Manifest = PrivateAttr()
+    _documents_state: emllm.SessionCheckpoint | None = PrivateAttr(default=None)
 
     def __init__(self, *, session: emllm.Session, manifest: Manifest, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -206,9 +207,19 @@ class EpisodicQueryEngine(CustomQueryEngine):
             yield from self._session.stream(self._prompt(query, quoted), **options)
 
     def _rewind(self) -> None:
-        """Cut the previous question and answer away: the session ends with the documents again."""
-        if len(self._session.token_ids) > self._manifest.n_tokens:
-            self._session.truncate(self._manifest.n_tokens)
+        """Return the session to the documents alone, in the state the first question found them, so a
+        question gets the same answer and sources whatever was asked before it. A cut could not do that:
+        the tokens a question and its answer pushed out of the local window would stay events."""
+        session, checkpoint = self._session, self._documents_state
+        if checkpoint is not None:
+            try:
+                session.rewind(checkpoint)
+                return
+            except emllm.StaleCheckpointError:  # the session was cut below the documents' end or reset
+                logger.info("session %r changed under the query engine: cutting back", session.id)
+        if len(session.token_ids) > self._manifest.n_tokens:
+            session.truncate(self._manifest.n_tokens)
+        self._documents_state = session.checkpoint()
 
     def _source_nodes(self, query: str) -> list[NodeWithScore]:
         """Events retrieved with the question alone: with the template around it (paragraph breaks, chat
