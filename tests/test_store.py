@@ -162,6 +162,31 @@ def test_rewind_past_a_save_then_save_matches_memory(model, tmp_path) -> None:
     assert files_of(engine, "rewind") == {r.file for r in again._saved.segments} | {again._saved.state_file}
 
 
+def test_a_cut_deep_into_a_saved_segment_keeps_its_file_for_the_events_before(model, tmp_path) -> None:
+    """The events before a cut stay in the segment file that holds them (its index row keeps fewer
+    events) instead of being written again; the reopened session reads the same text, keys and values."""
+    engine = open_engine(model, tmp_path)
+    session = engine.session("deep")
+    session.feed(prose(1500, seed=10))
+    session.save()
+    (whole,) = session._saved.segments
+    events = session.timeline.events
+    session.truncate(events[len(events) // 2][0] + 2)  # mid-event
+    session.feed(" and then something else happened entirely")
+    session.save()
+    first = session._saved.segments[0]
+    assert first.file == whole.file and 0 < first.n_events < whole.n_events
+    assert first.token_end < whole.token_end and first.char_end < whole.char_end
+    engine, again = _save_and_reopen_the_same(engine, model, session)
+    assert again.text == session.text
+    for layer, reopened in zip(session.layers, again.layers, strict=True):
+        for e in range(len(layer.events_k)):
+            assert torch.equal(layer.events_k[e], reopened.events_k[e])
+            assert torch.equal(layer.events_v[e], reopened.events_v[e])
+        assert torch.equal(layer.reprs, reopened.reprs)
+    engine.store.verify("deep")
+
+
 def _save_and_reopen_the_same(engine: EMLLM, model, session) -> tuple[EMLLM, emllm.Session]:
     """Save, restart, and check the reopened session holds the same tokens and events."""
     session.save()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,6 +64,24 @@ class SavedState:
             kept.append(record)
         return kept
 
+    def reusable_segments(self, session: Session) -> list[SegmentRecord]:
+        """The valid segments, then the first changed one cut to the events it still holds unchanged (the
+        same file, fewer events), so a cut deep into a large segment does not rewrite all of it."""
+        kept = self.valid_segments()
+        if len(kept) == len(self.segments):
+            return kept
+        record = self.segments[len(kept)]
+        events = session.timeline.events[record.first_event : record.first_event + record.n_events]
+        count = sum(1 for _, stop in events if stop <= self.valid_tokens)  # a prefix: events are ordered
+        if count == 0:
+            return kept
+        token_end = events[count - 1][1]
+        char_end = _segment_char_end(session, token_end, record.char_start)
+        if char_end > self.valid_chars:
+            return kept
+        trimmed = replace(record, n_events=count, token_end=token_end, char_end=char_end)
+        return [*kept, trimmed]
+
     def invalidate_after(self, n_tokens: int | None = None, n_chars: int | None = None) -> None:
         if n_tokens is not None:
             self.valid_tokens = min(self.valid_tokens, n_tokens)
@@ -100,11 +118,9 @@ def segment_payload(
     timeline = session.timeline
     events = timeline.events[first_event:]
     token_end = events[-1][1]
-    text = session.text
-    char_end = session._char_start[token_end] if token_end < len(session._char_start) else len(text)
-    char_end = max(min(char_end, len(text)), char_start)
+    char_end = _segment_char_end(session, token_end, char_start)
     tensors = _token_records(session, token_start, token_end, token_end)
-    tensors["text"] = _text_bytes(text, char_start, char_end)
+    tensors["text"] = _text_bytes(session.text, char_start, char_end)
     tensors["events"] = torch.tensor(events, dtype=torch.int64).reshape(-1, 2)
     for i, layer in enumerate(session.layers):
         tensors[f"k.{i}"] = torch.cat([layer.events_k[e] for e in range(first_event, len(layer.events_k))], 2)
@@ -119,6 +135,13 @@ def segment_payload(
         char_end=char_end,
     )
     return tensors, info
+
+
+def _segment_char_end(session: Session, token_end: int, char_start: int) -> int:
+    """Where the text of a segment ending at token_end stops: where the next token's text starts."""
+    text_len = session._char_len
+    char_end = session._char_start[token_end] if token_end < len(session._char_start) else text_len
+    return max(min(char_end, text_len), char_start)
 
 
 def state_payload(
@@ -173,16 +196,22 @@ def restore(session: Session, segments: list[tuple[SegmentRecord, TensorFile]], 
     meta = json.loads(state.metadata["emllm"])
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"unknown session format {meta.get('format')!r}")
-    parts = [mapped for _, mapped in segments] + [state]
     timeline = session.timeline
-    timeline.token_ids = torch.cat([p.get("token_ids") for p in parts]).tolist()
-    timeline.surprise = torch.cat([p.get("surprise") for p in parts]).clone()
-    timeline.boundary = torch.cat([p.get("boundary") for p in parts]).bool()
-    timeline.events = [tuple(span) for _, mapped in segments for span in mapped.get("events").tolist()]
+
+    def records(name: str) -> torch.Tensor:  # a segment file may hold more tokens than its record keeps
+        held = [mapped.get(name)[: r.token_end - r.token_start] for r, mapped in segments]
+        return torch.cat([*held, state.get(name)])
+
+    timeline.token_ids = records("token_ids").tolist()
+    timeline.surprise = records("surprise").clone()
+    timeline.boundary = records("boundary").bool()
+    spans = [mapped.get("events")[: record.n_events] for record, mapped in segments]
+    timeline.events = [tuple(span) for part in spans for span in part.tolist()]
     timeline.init_len, timeline.window_start = meta["init_len"], meta["window_start"]
-    session._char_start = _int64_array(torch.cat([p.get("char_start") for p in parts]))
-    session._char_end = _int64_array(torch.cat([p.get("char_end") for p in parts]))
-    text = b"".join(p.get("text").numpy().tobytes() for p in parts).decode("utf-8")
+    session._char_start = _int64_array(records("char_start"))
+    session._char_end = _int64_array(records("char_end"))
+    texts = [_text(mapped)[: r.char_end - r.char_start] for r, mapped in segments]
+    text = "".join([*texts, _text(state)])
     session._text_parts, session._char_len = [text], len(text)
     session._sources = [(int(start), source) for start, source in meta["sources"]]
     session._pending = state.get("pending").tolist()
@@ -197,11 +226,15 @@ def restore(session: Session, segments: list[tuple[SegmentRecord, TensorFile]], 
         _restore_layer(layer, i, segments, state, meta["query_counts"][i])
 
 
+def _text(part: TensorFile) -> str:
+    return part.get("text").numpy().tobytes().decode("utf-8")
+
+
 def serve_from_disk(session: Session, segments: list[tuple[SegmentRecord, TensorFile]]) -> None:
     """Every layer reads the events these segments hold from disk (dropping RAM copies of them)."""
     offsets = []
-    for _, mapped in segments:
-        spans = mapped.get("events")
+    for record, mapped in segments:
+        spans = mapped.get("events")[: record.n_events]
         sizes = (spans[:, 1] - spans[:, 0]).tolist()
         offsets.append([0, *itertools.accumulate(sizes)])
     for i, layer in enumerate(session.layers):
@@ -225,7 +258,7 @@ def _restore_layer(layer, i: int, segments, state: TensorFile, query_count: int)
     layer.v[:, :, :length] = state.get(f"window_v.{i}").to(device, dtype)
     layer.mass[:length] = state.get(f"mass.{i}").to(device)
     layer.length = length
-    reprs = [mapped.get(f"r.{i}") for _, mapped in segments]
+    reprs = [mapped.get(f"r.{i}")[: record.n_events] for record, mapped in segments]
     layer.load_reprs(torch.cat(reprs) if reprs else None)
     if f"query_sum.{i}" in state:
         layer._query_sum = state.get(f"query_sum.{i}").to(device).clone()

@@ -260,7 +260,7 @@ class SessionStore:
         if saved is None or session.id not in self._locks:
             raise StoreError(f"session {session.id!r} is not attached to {self}")
         folder = self._folder(session.id)
-        kept = saved.valid_segments()
+        kept = saved.reusable_segments(session)
         first_event = sum(r.n_events for r in kept)
         token_start = kept[-1].token_end if kept else 0
         char_start = kept[-1].char_end if kept else 0
@@ -297,7 +297,8 @@ class SessionStore:
             for path in written:
                 path.unlink(missing_ok=True)
             raise
-        dropped = [r.file for r in saved.segments if r not in kept]
+        kept_files = {r.file for r in kept}
+        dropped = [r.file for r in saved.segments if r.file not in kept_files]
         if saved.state_file:
             dropped.append(saved.state_file)
         for name in dropped:
@@ -363,7 +364,8 @@ class SessionStore:
     def _check_disk_budget(self, saved: SavedState, kept: list[SegmentRecord], payloads) -> None:
         if self.max_disk_bytes is None:
             return
-        freed = saved.state_bytes + sum(r.nbytes for r in saved.segments if r not in kept)
+        kept_files = {r.file for r in kept}
+        freed = saved.state_bytes + sum(r.nbytes for r in saved.segments if r.file not in kept_files)
         new = sum(t.numel() * t.element_size() for tensors in payloads for t in tensors.values())
         projected = self.total_bytes() - freed + new
         if projected > self.max_disk_bytes:
