@@ -72,6 +72,24 @@ class Timeline:
         self.events = kept
         return len(kept), last_len
 
+    def rewind(
+        self,
+        init_len: int,
+        events: int,
+        window_start: int,
+        window_ids: list[int],
+        window_surprise: torch.Tensor,
+        window_boundary: torch.Tensor,
+    ) -> None:
+        """Back to an earlier state whose first `events` events and tokens before window_start this
+        timeline still holds: the window's token records are put back from a copy."""
+        del self.token_ids[window_start:]
+        self.token_ids.extend(window_ids)
+        self.surprise = torch.cat((self.surprise[:window_start], window_surprise))
+        self.boundary = torch.cat((self.boundary[:window_start], window_boundary))
+        del self.events[events:]
+        self.init_len, self.window_start = init_len, window_start
+
     def reopen_window(self, n_local: int) -> tuple[int, int]:
         """After a cut: move the last events back into the window while it holds at most n_local tokens,
         and the init block too once everything fits, as in a session that only read the kept tokens.

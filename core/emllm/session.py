@@ -615,12 +615,14 @@ class Session:
                 )
             self._truncate_text(checkpoint.tokens)
             timeline, start = self.timeline, checkpoint.window_start
-            del timeline.token_ids[start:]
-            timeline.token_ids.extend(checkpoint.window_ids)
-            timeline.surprise = torch.cat((timeline.surprise[:start], checkpoint.window_surprise))
-            timeline.boundary = torch.cat((timeline.boundary[:start], checkpoint.window_boundary))
-            del timeline.events[checkpoint.events :]
-            timeline.init_len, timeline.window_start = checkpoint.init_len, start
+            timeline.rewind(
+                checkpoint.init_len,
+                checkpoint.events,
+                start,
+                checkpoint.window_ids,
+                checkpoint.window_surprise,
+                checkpoint.window_boundary,
+            )
             for layer, layer_checkpoint in zip(self.layers, checkpoint.layers, strict=True):
                 layer.rewind(layer_checkpoint, self.engine.rotary)
             self._pending = list(checkpoint.pending)
