@@ -124,8 +124,13 @@ def smol_tokenizer():
     return load_tokenizer()
 
 
-def tiny_smol_model(tokenizer, *, layers: int = 2, seed: int = 0):
-    """A tiny random Llama over SmolLM2's vocabulary (hidden 64, 4 heads, 2 KV heads)."""
+def tiny_smol_model(tokenizer, *, layers: int = 2, seed: int = 0, terse: bool = False):
+    """A tiny random Llama over SmolLM2's vocabulary (hidden 64, 4 heads, 2 KV heads).
+
+    terse=True biases its logits toward JSON's closers (`prefer_closers`), so under constrained decoding
+    it ends each value as soon as the grammar lets it, by its own choice: random weights alone never
+    close a string, and the token budget does not close one for them.
+    """
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
@@ -140,7 +145,26 @@ def tiny_smol_model(tokenizer, *, layers: int = 2, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    return transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(config).eval()
+    return prefer_closers(model, tokenizer) if terse else model
+
+
+# Most preferred first: close a string, write an empty object, then end an object / value / array.
+CLOSERS = (('"', 12.0), ("{}", 10.0), ("}", 8.0), (",", 8.0), ("]", 8.0))
+
+
+def prefer_closers(model, tokenizer):
+    """Add a logit bias to the CLOSERS tokens (an output layer with a bias, sharing the tied weight)."""
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight = head.weight
+    with torch.no_grad():
+        biased.bias.zero_()
+        for text, bias in CLOSERS:
+            [token] = tokenizer.encode(text, add_special_tokens=False)
+            biased.bias[token] = bias
+    model.lm_head = biased
+    return model
 
 
 @pytest.fixture

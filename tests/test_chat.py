@@ -1,4 +1,6 @@
-"""emllm.chat: rendering with chat templates (with and without tool support) and tool-call parsing."""
+"""emllm.chat: rendering with chat templates (with and without tool support) and tool-call parsing; and
+forced tool calls under a token budget (ChatSession on tiny random models): cut short means an invalid
+call, never one with made-up arguments."""
 
 from __future__ import annotations
 
@@ -211,3 +213,50 @@ def test_format_tool_call_round_trips():
         (parsed,) = parse_tool_calls(format_tool_call(call, fmt), tool_names=NAMES).tool_calls
         assert (parsed.name, parsed.arguments) == (call.name, call.arguments)
     assert json.loads(format_tool_call(call, "json"))["arguments"] == {"location": "Zürich"}
+
+
+# -- forced calls under a token budget (issue 19) ----------------------------------------------------------
+ADD = ToolSpec(
+    "add",
+    "Add two integers.",
+    {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"],
+    },
+)
+QUESTION = [ChatMessage("user", "What is 2 + 3?")]
+
+
+def _forced_reply(engine, budget: int, tool_format: str = "hermes"):
+    from emllm.chat_session import ChatSession
+
+    chat = ChatSession.of(engine.session(), tool_format=tool_format)
+    return chat.reply(QUESTION, tools=[ADD], tool_choice="any", max_new_tokens=budget)
+
+
+@pytest.mark.parametrize("tool_format", ["hermes", "llama3", "json"])
+def test_a_forced_call_the_budget_cuts_short_is_an_invalid_call(make_smol_engine, tool_format):
+    """Random weights write 15-digit numbers: 30 tokens cannot hold the call they are writing."""
+    reply = _forced_reply(make_smol_engine(), 30, tool_format)
+    assert reply.tool_calls == [] and reply.content == "" and reply.finish_reason == "length"
+    (invalid,) = reply.invalid_tool_calls
+    assert invalid.name == "add" and invalid.arguments.startswith('{"name": "add"')
+    assert "token budget ran out (max_new_tokens=30)" in invalid.error
+
+
+@pytest.mark.parametrize("budget", [28, 30, 32, 34, 36, 64])
+def test_the_budget_never_changes_a_forced_calls_arguments(make_smol_engine, smol_tokenizer, budget):
+    """With room for its own call the terse model writes it whole; with less, the call is invalid (or
+    whole, when only the closing tag was cut); never a call with other arguments."""
+    from conftest import tiny_smol_model
+
+    engine = make_smol_engine(model=tiny_smol_model(smol_tokenizer, terse=True))
+    own = _forced_reply(engine, 200)
+    (call,) = own.tool_calls
+    reply = _forced_reply(engine, budget)
+    if reply.tool_calls or budget >= own.usage.output_tokens - 1:  # the call's tokens, end-of-turn aside
+        assert [(c.name, c.arguments) for c in reply.tool_calls] == [(call.name, call.arguments)]
+    else:
+        assert reply.finish_reason == "length"
+        assert "token budget ran out" in reply.invalid_tool_calls[0].error

@@ -1,13 +1,24 @@
 """ChatEMLLM / EMLLM beyond the standard suites: episodic threads (prefix reuse, divergence, LangGraph
-thread ids), tool histories, clear errors, persistence across restarts, and an agent end to end."""
+thread ids), tool histories, forced calls and structured output under a token budget, clear errors,
+persistence across restarts, and an agent end to end."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from emllm.chat import ChatFormatError
+from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
-from langchain_fixtures import TINY_MODEL, build_tiny_engine, tiny_chat_engine  # noqa: F401  (fixture)
+from langchain_fixtures import (  # noqa: F401  (fixtures)
+    TERSE_MODEL,
+    TINY_MODEL,
+    build_tiny_engine,
+    terse_chat_engine,
+    tiny_chat_engine,
+)
+from pydantic import BaseModel
 
 from emllm_integrations.langchain import EMLLM, ChatEMLLM
 
@@ -77,28 +88,84 @@ def test_session_from_field_kwarg_or_config_and_throwaway_otherwise(engine):
     assert len(engine.session_ids()) == count
 
 
-def test_tool_round_trip_reuses_everything_before_the_result(engine):
-    model = ChatEMLLM(model=TINY_MODEL, max_tokens=40).bind_tools([add], tool_choice="add")
+def test_tool_round_trip_reuses_everything_before_the_result(terse_chat_engine):  # noqa: F811
+    model = ChatEMLLM(model=TERSE_MODEL, max_tokens=64).bind_tools([add], tool_choice="add")
     history = [HumanMessage("What is 2 + 3?")]
     call = model.invoke(history, config=thread("tools"))
     assert call.tool_calls and call.tool_calls[0]["name"] == "add"
     assert set(call.tool_calls[0]["args"]) == {"a", "b"}
-    held = engine.session("tools").stats().tokens
+    held = terse_chat_engine.session("tools").stats().tokens
     history += [call, ToolMessage("5", tool_call_id=call.tool_calls[0]["id"], name="add")]
     after = (
-        ChatEMLLM(model=TINY_MODEL, max_tokens=4).bind_tools([add]).invoke(history, config=thread("tools"))
+        ChatEMLLM(model=TERSE_MODEL, max_tokens=4).bind_tools([add]).invoke(history, config=thread("tools"))
     )
     # the forced call was decoded canonically, so its re-rendering matches what the session holds
     assert after.usage_metadata["input_token_details"]["cache_read"] == held - 1
 
 
-def test_stream_of_a_forced_call_ends_with_one_tool_call_chunk(engine):
-    model = ChatEMLLM(model=TINY_MODEL, max_tokens=40).bind_tools([add], tool_choice="any")
+def test_stream_of_a_forced_call_ends_with_one_tool_call_chunk(terse_chat_engine):  # noqa: F811
+    model = ChatEMLLM(model=TERSE_MODEL, max_tokens=64).bind_tools([add], tool_choice="any")
     chunks = list(model.stream("add 1 and 2"))
     assert chunks[-1].chunk_position == "last"
     full = sum(chunks[1:], chunks[0])
     assert [c["name"] for c in full.tool_calls] == ["add"]
     assert full.response_metadata["finish_reason"] == "tool_calls"
+
+
+# -- the token budget never makes up arguments (issue 19) ------------------------------------------------
+class Joke(BaseModel):
+    setup: str
+    punchline: str
+
+
+@pytest.mark.parametrize("max_tokens", [30, 48])
+@pytest.mark.parametrize("stream", [False, True], ids=["invoke", "stream"])
+def test_a_forced_call_cut_short_is_an_invalid_tool_call(engine, max_tokens, stream):
+    """Random weights write 15-digit numbers, so the call is still open when max_tokens runs out."""
+    model = ChatEMLLM(model=TINY_MODEL, max_tokens=max_tokens).bind_tools([add], tool_choice="any")
+    if stream:
+        chunks = list(model.stream("What is 6 x 7?"))
+        message = sum(chunks[1:], chunks[0])
+    else:
+        message = model.invoke("What is 6 x 7?")
+    assert message.tool_calls == []  # not a call with the digits so far, nor with made-up ones
+    (invalid,) = message.invalid_tool_calls
+    assert invalid["name"] == "add" and message.response_metadata["finish_reason"] == "length"
+    raw = json.loads(invalid["args"]) if stream else invalid["args"]  # a stream sends it JSON-quoted
+    assert raw.startswith('{"name": "add", "arguments": {"a": ')
+    if not stream:  # LangChain's chunk merge keeps no error text
+        assert f"token budget ran out (max_new_tokens={max_tokens})" in invalid["error"]
+
+
+@pytest.mark.parametrize("max_tokens", [30, 34, 36, 64])
+def test_the_budget_never_changes_a_forced_calls_arguments(terse_chat_engine, max_tokens):  # noqa: F811
+    """The terse model's own call: its JSON takes 35 tokens here, its closing tag 7 more. With less
+    room the call is invalid; with room for the JSON it is the very same call; never other arguments."""
+    model = ChatEMLLM(model=TERSE_MODEL, max_tokens=200).bind_tools([add], tool_choice="any")
+    own = model.invoke("What is 6 x 7?")
+    tight = model.bind(max_tokens=max_tokens).invoke("What is 6 x 7?")
+    if tight.tool_calls or max_tokens >= own.usage_metadata["output_tokens"] - 1:
+        assert [c["args"] for c in tight.tool_calls] == [own.tool_calls[0]["args"]]
+    else:
+        assert "token budget ran out" in tight.invalid_tool_calls[0]["error"]
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+@pytest.mark.parametrize("mode", ["invoke", "include_raw", "stream"])
+def test_structured_output_cut_short_is_an_error_not_a_value(engine, method, mode):
+    """Random weights never end a string: at 32 tokens the Joke is unfinished, and says so."""
+    model = ChatEMLLM(model=TINY_MODEL, max_tokens=32)
+    structured = model.with_structured_output(Joke, method=method, include_raw=mode == "include_raw")
+    if mode == "include_raw":
+        result = structured.invoke("Tell me a joke about cats.")
+        assert result["parsed"] is None and isinstance(result["parsing_error"], OutputParserException)
+        assert "token budget ran out" in str(result["parsing_error"])
+        return
+    with pytest.raises(OutputParserException, match="token budget ran out"):
+        if mode == "stream":
+            list(structured.stream("Tell me a joke about cats."))
+        else:
+            structured.invoke("Tell me a joke about cats.")
 
 
 # -- errors ----------------------------------------------------------------------------------------------

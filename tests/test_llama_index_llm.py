@@ -1,6 +1,8 @@
 """The LlamaIndex EMLLM contract on a tiny random model over SmolLM2's tokenizer and chat template: every
 method sync / async / streaming, metadata, token counts, sessions and prefix reuse, tool calling
-(constrained when required), structured output, and the FunctionAgent / ReActAgent loops."""
+(constrained when required; a required call the token budget cuts short selects no tool), structured
+output, and the FunctionAgent / ReActAgent loops. Calls that must finish use the terse model (biased
+toward JSON's closers): random weights alone never end a string, and the budget does not end it for them."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import emllm
 import pytest
 from emllm.chat import InvalidToolCall, ToolCall
 from emllm.chat_session import ChatReply, ChatSession, ChatUsage
+from emllm.json_schema import TokenBudgetError
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent, ToolCallResult
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole, TextBlock, ToolCallBlock
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
@@ -46,6 +49,13 @@ class Person(BaseModel):
 @pytest.fixture
 def llm(make_smol_engine):
     return EMLLM(engine=make_smol_engine(), max_new_tokens=6)
+
+
+@pytest.fixture
+def terse_llm(make_smol_engine, smol_tokenizer):
+    from conftest import tiny_smol_model
+
+    return EMLLM(engine=make_smol_engine(model=tiny_smol_model(smol_tokenizer, terse=True)), max_new_tokens=6)
 
 
 @pytest.fixture
@@ -152,9 +162,10 @@ def test_sessions_keep_conversations_apart(llm):
 
 
 # -- tools ------------------------------------------------------------------------------------------
-def test_a_required_tool_call_is_valid_even_from_random_weights(llm, tools):
+def test_a_required_tool_call_is_valid_even_from_random_weights(terse_llm, tools):
+    llm = terse_llm
     response = llm.chat_with_tools(
-        tools, user_msg="What is 6 times 7?", tool_required=True, max_new_tokens=48
+        tools, user_msg="What is 6 times 7?", tool_required=True, max_new_tokens=64
     )
     calls = llm.get_tool_calls_from_response(response)
     assert len(calls) == 1 and calls[0].tool_name in {"multiply", "weather"}
@@ -163,11 +174,12 @@ def test_a_required_tool_call_is_valid_even_from_random_weights(llm, tools):
     assert any(isinstance(b, ToolCallBlock) for b in response.message.blocks)
 
 
-def test_tool_choice_picks_the_tool_or_none(llm, tools):
-    response = llm.chat_with_tools(tools, user_msg="Weather?", tool_choice="weather", max_new_tokens=48)
+def test_tool_choice_picks_the_tool_or_none(terse_llm, tools):
+    llm = terse_llm
+    response = llm.chat_with_tools(tools, user_msg="Weather?", tool_choice="weather", max_new_tokens=64)
     assert [c.tool_name for c in llm.get_tool_calls_from_response(response)] == ["weather"]
     forced = {"type": "function", "function": {"name": "multiply"}}
-    response = llm.chat_with_tools(tools, user_msg="6 x 7?", tool_choice=forced, max_new_tokens=48)
+    response = llm.chat_with_tools(tools, user_msg="6 x 7?", tool_choice=forced, max_new_tokens=64)
     assert [c.tool_name for c in llm.get_tool_calls_from_response(response)] == ["multiply"]
 
     with_tools = llm.chat_with_tools(tools, user_msg="Hi")
@@ -177,8 +189,9 @@ def test_tool_choice_picks_the_tool_or_none(llm, tools):
         llm.chat_with_tools(tools, user_msg="Hi", tool_choice="divide")
 
 
-def test_predict_and_call_and_structured_output(llm, tools):
-    result = llm.predict_and_call(tools[:1], user_msg="What is 6 times 7?", tool_required=True, max_tokens=48)
+def test_predict_and_call_and_structured_output(terse_llm, tools):
+    llm = terse_llm
+    result = llm.predict_and_call(tools[:1], user_msg="What is 6 times 7?", tool_required=True, max_tokens=64)
     assert isinstance(result, AgentChatResponse) and len(result.sources) == 1
     assert result.sources[0].tool_name == "multiply" and not result.sources[0].is_error
 
@@ -187,7 +200,35 @@ def test_predict_and_call_and_structured_output(llm, tools):
     person = llm.structured_predict(
         Person, PromptTemplate("Describe {who}."), llm_kwargs={"max_tokens": 64}, who="a famous author"
     )
-    assert isinstance(person, Person)  # constrained to the schema, so it always parses
+    assert isinstance(person, Person)  # constrained to the schema, so it parses once finished
+
+
+# -- the token budget never makes up arguments (issue 19) ---------------------------------------------
+def test_a_required_call_cut_short_selects_no_tool(llm, tools):
+    """Random weights write 15-digit numbers: 30 tokens cannot hold the call they are writing."""
+    response = llm.chat_with_tools(
+        tools[:1], user_msg="What is 6 x 7?", tool_required=True, max_new_tokens=30
+    )
+    assert not any(isinstance(b, ToolCallBlock) for b in response.message.blocks)
+    extra = response.message.additional_kwargs
+    assert extra["finish_reason"] == "length"
+    (invalid,) = extra["invalid_tool_calls"]
+    assert invalid["name"] == "multiply" and "token budget ran out" in invalid["error"]
+    assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+    with pytest.raises(TokenBudgetError, match="token budget ran out") as caught:
+        llm.get_tool_calls_from_response(response)
+    assert isinstance(caught.value, emllm.EMLLMError) and isinstance(caught.value, ValueError)
+
+
+def test_predict_and_call_and_structured_predict_cut_short_raise(llm, tools):
+    with pytest.raises(TokenBudgetError, match="token budget ran out"):
+        llm.predict_and_call(tools[:1], user_msg="What is 6 x 7?", tool_required=True, max_tokens=30)
+    from llama_index.core.prompts import PromptTemplate
+
+    with pytest.raises(TokenBudgetError, match="token budget ran out"):
+        llm.structured_predict(
+            Person, PromptTemplate("Describe {who}."), llm_kwargs={"max_tokens": 30}, who="x"
+        )
 
 
 def test_tool_calls_come_back_as_blocks_and_render_back(llm, tools):
@@ -234,8 +275,8 @@ def test_only_the_first_call_is_kept_unless_parallel_calls_are_allowed(llm, tool
 
 
 # -- agents -----------------------------------------------------------------------------------------
-async def test_function_agent_calls_the_forced_tool_then_answers(make_smol_engine, tools):
-    llm = EMLLM(engine=make_smol_engine(), max_new_tokens=48)
+async def test_function_agent_calls_the_forced_tool_then_answers(terse_llm, tools):
+    llm = EMLLM(engine=terse_llm.engine, max_new_tokens=64)
     agent = FunctionAgent(
         tools=tools[:1], llm=llm, initial_tool_choice="multiply", system_prompt="Use tools."
     )
@@ -245,6 +286,18 @@ async def test_function_agent_calls_the_forced_tool_then_answers(make_smol_engin
     assert [r.tool_name for r in results] == ["multiply"] and not results[0].tool_output.is_error
     assert output.response.role == MessageRole.ASSISTANT
     assert llm.session().stats().tokens_reused > 0  # the second step re-sent the first: read once
+
+
+async def test_function_agent_never_runs_a_tool_on_cut_short_arguments(make_smol_engine, tools):
+    """The issue: with a small max_new_tokens the agent ran multiply(0, 0). Now no tool runs."""
+    llm = EMLLM(engine=make_smol_engine(), max_new_tokens=30)
+    agent = FunctionAgent(tools=tools[:1], llm=llm, initial_tool_choice="multiply")
+    handler = agent.run("What is 6 times 7?")
+    results = [event async for event in handler.stream_events() if isinstance(event, ToolCallResult)]
+    output = await handler
+    assert results == [] and output.tool_calls == []
+    (invalid,) = output.response.additional_kwargs["invalid_tool_calls"]
+    assert "token budget ran out" in invalid["error"]
 
 
 async def test_react_agent_runs_on_any_model(make_smol_engine, tools):

@@ -3,12 +3,16 @@
 computed, and the reply comes back as content plus tool calls.
 
 Forced tool calls (`tool_choice="any"` or a tool name) and structured output (`response_schema`) are
-decoded under a JSON schema, so they parse even from a small model. Framework-free: the LangChain and
-LlamaIndex adapters convert their messages to `emllm.chat.ChatMessage` and call this.
+decoded under a JSON schema, so they parse even from a small model. The token budget never shapes them:
+a forced call that `max_new_tokens` cuts short comes back as an InvalidToolCall saying so, never as a
+call with made-up arguments. Framework-free: the LangChain and LlamaIndex adapters convert their
+messages to `emllm.chat.ChatMessage` and call this.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -69,6 +73,8 @@ class _Turn:
     tool_names: list[str]
     cached_tokens: int
     options: dict[str, Any] = field(default_factory=dict)
+    forced: bool = False  # a tool call is forced (decoded under the tools' schema)
+    closer: str = ""  # text the forced call's format writes after its JSON
 
 
 def normalize_tool_choice(choice: Any, tools: Sequence[ToolSpec]) -> str | None:
@@ -190,9 +196,10 @@ class ChatSession:
         options = dict(generation)
         max_new = options.setdefault("max_new_tokens", 256)
         eos = self.session.engine.eos_token_ids
-        prefill, processor = "", None
+        prefill, closer, processor = "", "", None
         if choice not in (None, "none"):
             syntax = TOOL_SYNTAX[self.tool_format]
+            closer = syntax.closer
             chosen = specs if choice == "any" else [t for t in specs if t.name == choice]
             prefill = syntax.opener
             schema = tool_call_schema(chosen, self.tool_format)
@@ -214,6 +221,8 @@ class ChatSession:
             tool_names=[t.name for t in specs],
             cached_tokens=0,
             options=options,
+            forced=choice not in (None, "none"),
+            closer=closer,
         )
 
     def _sync(self, turn: _Turn) -> None:
@@ -226,8 +235,11 @@ class ChatSession:
         output_ids = self.session.token_ids[len(turn.prompt_ids) :]
         usage = ChatUsage(len(turn.prompt_ids), len(output_ids), turn.cached_tokens)
         if turn.parse_tools:
-            parsed = parse_tool_calls(turn.prefill + text, tool_names=turn.tool_names)
+            written = _with_closer(text, turn.closer) if turn.forced else text
+            parsed = parse_tool_calls(turn.prefill + written, tool_names=turn.tool_names)
             content, calls, invalid = parsed.content, parsed.tool_calls, parsed.invalid_tool_calls
+            if turn.forced and not calls:  # the grammar ends a call only once complete: the budget ran out
+                content, invalid = "", [_unfinished_call(turn, text)]
         else:
             content, calls, invalid = text, [], []
         eos = self.session.engine.eos_token_ids
@@ -239,6 +251,32 @@ class ChatSession:
         else:
             reason = "stop"
         return ChatReply(content, calls, invalid, text, reason, usage)
+
+
+_CALL_NAME = re.compile(r'"name": "([^"\\]*)"')
+
+
+def _with_closer(text: str, closer: str) -> str:
+    """A forced call's text, its closer completed where the budget cut only the closer (the call's JSON
+    is whole then, and the closer is fixed text that carries nothing)."""
+    try:
+        end = json.JSONDecoder().raw_decode(text)[1]
+    except json.JSONDecodeError:
+        return text
+    return text[:end] + closer if closer.startswith(text[end:]) else text
+
+
+def _unfinished_call(turn: _Turn, text: str) -> InvalidToolCall:
+    """A forced call whose JSON the token budget cut short: reported as invalid, its raw text kept."""
+    limit = turn.options["max_new_tokens"]
+    error = (
+        f"the token budget ran out (max_new_tokens={limit}) before the tool call was complete: its "
+        "arguments are unfinished, so no call was made; raise max_new_tokens (max_tokens) to let the "
+        "model finish it"
+    )
+    match = _CALL_NAME.search(text)
+    name = match.group(1) if match and match.group(1) in turn.tool_names else None
+    return InvalidToolCall(name, text, error)
 
 
 class ChatStream:

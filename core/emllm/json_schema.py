@@ -4,8 +4,11 @@ logits processor that forbids every token that would leave it.
 `JsonSchemaLogitsProcessor(tokenizer, schema, max_new_tokens=...)` plugs into
 `Session.generate(logits_processor=...)`. Output is canonical JSON as `json.dumps` writes it
 (separators ", " and ": ", properties in schema order), so a re-rendered tool call tokenizes back to
-what was generated. When the token budget runs short the processor only allows the shortest way to
-close the document, so the output always parses if `max_new_tokens` covers the smallest valid value.
+what was generated. The token budget never steers the output: a value is never cut short or filled in
+to close the document in time (that would be a valid-looking document the model did not write). When
+`max_new_tokens` runs out first the output is an unfinished prefix of a valid document, and callers
+report it as such (`is_complete`, `JsonSchemaLogitsProcessor.is_complete_after`). A budget that cannot
+hold even the smallest valid document is refused up front (`TokenBudgetError`).
 
 Supported: type (and lists of types), properties / required / additionalProperties, items,
 minItems / maxItems, minLength / maxLength, enum, const, anyOf / oneOf, allOf (merged), $ref into
@@ -28,7 +31,6 @@ import torch
 
 from .errors import EMLLMError
 
-NEAR_END_CHARS = 64  # this close to the budget's end, every candidate token is checked to still fit
 MAX_NUMBER_DIGITS = 15  # significant digits of a number: exact round trip, and no endless digit loops
 _PLAIN_STRING_FORBIDDEN = {'"', "\\"} | {chr(i) for i in range(0x20)}
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -37,6 +39,10 @@ _HEX = set("0123456789abcdefABCDEF")
 
 class SchemaError(EMLLMError, ValueError):
     """A JSON schema that cannot be used for constrained decoding."""
+
+
+class TokenBudgetError(EMLLMError, ValueError):
+    """The token budget (max_new_tokens) cannot hold, or did not hold, a complete constrained output."""
 
 
 # -- schema compilation -------------------------------------------------------------------------------
@@ -578,8 +584,10 @@ class JsonSchemaLogitsProcessor:
 
     Use it with `Session.generate(..., logits_processor=processor, max_new_tokens=n)`, passing the same
     n as `max_new_tokens` here. End-of-sequence is allowed only once the document (and suffix) is
-    complete. Raises SchemaError for schemas it cannot compile and ValueError when the budget cannot
-    hold even the smallest valid document.
+    complete. Only the grammar masks tokens, never the budget: if n tokens run out before the document
+    is complete, the output is left unfinished (`is_complete_after` tells). Raises SchemaError for
+    schemas it cannot compile and TokenBudgetError when n cannot hold even the smallest valid document
+    (counted in tokens of this tokenizer).
     """
 
     def __init__(
@@ -608,15 +616,21 @@ class JsonSchemaLogitsProcessor:
                 f"max_new_tokens={max_new_tokens} cannot hold the smallest output valid under this schema "
                 f"({needed} tokens: {smallest[:80]!r})"
             )
-            raise ValueError(msg)
+            raise TokenBudgetError(msg)
 
     @property
     def complete(self) -> bool:
+        """Whether the text read so far is a complete document (and suffix)."""
         return is_complete(self.state)
+
+    def is_complete_after(self, generated_ids: Sequence[int]) -> bool:
+        """Whether these generated ids (all of them, the last one included) spell a complete document."""
+        self._catch_up(list(generated_ids))
+        return self.complete
 
     def __call__(self, generated_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         self._catch_up(generated_ids)
-        allowed = self.allowed_mask(self.max_new_tokens - len(generated_ids))
+        allowed = self.allowed_mask()
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
     def _catch_up(self, generated_ids: list[int]) -> None:
@@ -627,46 +641,19 @@ class JsonSchemaLogitsProcessor:
                 self.text += text
         self._consumed = len(generated_ids)
 
-    def allowed_mask(self, remaining: int) -> torch.Tensor:
-        """Boolean mask (V,) of the tokens allowed next with `remaining` tokens left in the budget.
+    def allowed_mask(self) -> torch.Tensor:
+        """Boolean mask (V,) of the tokens allowed next: those that keep the text a prefix of a valid
+        document, and end-of-sequence once it is complete.
 
-        Invariant kept: the shortest completion always fits the budget. Within NEAR_END_CHARS of the
-        end, each candidate is checked to keep it; once it is tight, only tokens along a shortest
-        completion remain.
+        The budget left plays no part: forcing an early close would write values the model did not
+        choose (a number cut to its first digit, a required property filled with a placeholder).
         """
-        completion = shortest_completion(self.state)
         mask = torch.zeros(self.index.size, dtype=torch.bool)
-        if not completion:  # complete (or dead, which this processor never steers into)
+        if not self.state or is_complete(self.state):  # dead (never steered into) or complete
             mask[self.eos_token_ids] = True
-            if completion is None or not self._can_continue():
+            if not self.state or not self._can_continue():
                 return mask
-        if completion and remaining <= len(completion):
-            return mask | self._finish_mask(completion, remaining)
-        free = self._free_mask()
-        if remaining <= len(completion) + NEAR_END_CHARS:
-            free = self._keep_fitting(free, remaining - 1)
-        return mask | free
-
-    def _finish_mask(self, completion: str, remaining: int) -> torch.Tensor:
-        plan = self._tokens_to_write(completion)
-        budget = max(remaining, plan[0])  # past saving: still follow a shortest way as far as it goes
-        mask = torch.zeros(self.index.size, dtype=torch.bool)
-        for token, length in self._prefix_tokens(completion):
-            if 1 + plan[length] <= budget:
-                mask[token] = True
-        return mask
-
-    def _keep_fitting(self, mask: torch.Tensor, budget: int) -> torch.Tensor:
-        """Drop the tokens after which the shortest completion would no longer fit `budget` tokens."""
-        kept = mask.clone()
-        candidates = mask
-        if self._in_plain_string():  # more string content leaves the completion (quote onwards) unchanged
-            candidates = mask & ~self.index.plain_string_mask
-        for token in candidates.nonzero().flatten().tolist():
-            after = shortest_completion(advance(self.state, self.index.texts[token]))
-            if after is None or len(after) > budget:
-                kept[token] = False
-        return kept
+        return mask | self._free_mask()
 
     def _can_continue(self) -> bool:
         return any(stack for stack in _expand_all(self.state))
@@ -741,6 +728,7 @@ __all__ = [
     "JsonSchemaLogitsProcessor",
     "Node",
     "SchemaError",
+    "TokenBudgetError",
     "VocabularyIndex",
     "advance",
     "compile_schema",

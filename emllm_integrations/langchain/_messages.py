@@ -112,14 +112,23 @@ def to_ai_message(reply: ChatReply, model_name: str) -> AIMessage:
 
 
 def last_chunk(reply: ChatReply, model_name: str, content: str = "") -> AIMessageChunk:
-    """The closing stream chunk: leftover content, tool calls, usage and metadata."""
+    """The closing stream chunk: leftover content, tool calls, usage and metadata.
+
+    An invalid call's raw text goes out as a JSON string: LangChain reads chunk args as partial JSON and
+    would otherwise close a cut-short `{"a": 6` into a valid-looking call `{"a": 6}`.
+    """
     calls, invalid = tool_call_dicts(reply)
     chunks = [
         {"name": c["name"], "args": json.dumps(c["args"], ensure_ascii=False), "id": c["id"], "index": i}
         for i, c in enumerate(calls)
     ]
     chunks += [
-        {"name": c["name"], "args": c["args"], "id": c["id"], "index": len(calls) + i}
+        {
+            "name": c["name"],
+            "args": json.dumps(c["args"], ensure_ascii=False),
+            "id": c["id"],
+            "index": len(calls) + i,
+        }
         for i, c in enumerate(invalid)
     ]
     return AIMessageChunk(

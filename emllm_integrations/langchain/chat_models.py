@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -13,6 +14,7 @@ import emllm
 from emllm.chat import ToolFormat
 from emllm.chat_session import ChatSession, ChatStream, normalize_tool_choice
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -28,7 +30,7 @@ from pydantic import BaseModel, model_validator
 from .._async import iterate_in_thread
 from ._engines import get_engine
 from ._fields import EpisodicModelFields
-from ._messages import last_chunk, to_ai_message, to_chat_messages, to_tool_specs
+from ._messages import content_text, last_chunk, to_ai_message, to_chat_messages, to_tool_specs
 
 StructuredOutputMethod = Literal["json_schema", "function_calling", "json_mode"]
 
@@ -100,8 +102,10 @@ class ChatEMLLM(EpisodicModelFields, BaseChatModel):
         # [{'name': 'add', 'args': {'a': 2, 'b': 3}, 'id': 'call_...', 'type': 'tool_call'}]
         ```
         A forced call (`tool_choice="any"` or a tool name) is decoded under the tools' JSON schemas,
-        so it always parses. Tools are rendered by the model's chat template when it supports
-        them, otherwise in the documented default format (`emllm.chat.DEFAULT_TOOL_PROMPT`).
+        so it always parses; one that `max_tokens` cuts short comes back in `invalid_tool_calls` (error:
+        the token budget ran out), never as a call with made-up arguments. Tools are rendered by the
+        model's chat template when it supports them, otherwise in the documented default format
+        (`emllm.chat.DEFAULT_TOOL_PROMPT`).
 
     Structured output:
         ```python
@@ -292,7 +296,8 @@ class ChatEMLLM(EpisodicModelFields, BaseChatModel):
         Methods: "json_schema" (default: the reply is JSON decoded under the schema), "function_calling"
         (a forced call of a tool shaped like the schema), "json_mode" (same as json_schema here: the
         schema is known, so it constrains the output too). Decoding is always constrained to the
-        schema, so `strict` is accepted and changes nothing.
+        schema, so `strict` is accepted and changes nothing. Output that `max_tokens` cuts short raises
+        OutputParserException (in `parsing_error` with include_raw) instead of a partly made-up value.
         """
         if kwargs:
             raise ValueError(f"unsupported arguments for with_structured_output: {sorted(kwargs)}")
@@ -302,15 +307,19 @@ class ChatEMLLM(EpisodicModelFields, BaseChatModel):
             name = convert_to_openai_tool(schema)["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=traced)
             parser: Runnable = (
-                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                _WholePydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
                 if is_pydantic
-                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+                else _WholeJsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
             )
         elif method in ("json_schema", "json_mode"):
             # json_mode decodes under the schema too: it is known here, so the output always fits it
             response_format = {"type": "json_schema", "schema": _json_schema(schema)}
             llm = self.bind(response_format=response_format, ls_structured_output_format=traced)
-            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()  # type: ignore[arg-type]
+            parser = (
+                _WholePydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+                if is_pydantic
+                else _WholeJsonOutputParser()
+            )
         else:
             raise ValueError(f"method must be json_schema, function_calling or json_mode, not {method!r}")
         if not include_raw:
@@ -325,6 +334,62 @@ class _Turn:
 
     def __init__(self, stream: ChatStream, session: emllm.Session, model: str, persistent: bool):
         self.stream, self.session, self.model, self.persistent = stream, session, model, persistent
+
+
+class _WholeOutput:
+    """Parser mixin: structured output that the token budget cut short raises OutputParserException.
+
+    LangChain's parsers read JSON leniently (partial JSON is closed), which would turn `{"a": 6` into a
+    valid-looking `{"a": 6}`. Checked on the final result, and on the last chunk of a stream.
+    """
+
+    def parse_result(self, result: list, *, partial: bool = False) -> Any:
+        message = getattr(result[0], "message", None) if result else None
+        if not partial or getattr(message, "chunk_position", None) == "last":
+            _raise_if_cut_short(message)
+        return super().parse_result(result, partial=partial)  # type: ignore[misc]
+
+
+class _WholeJsonOutputParser(_WholeOutput, JsonOutputParser):
+    pass
+
+
+class _WholePydanticOutputParser(_WholeOutput, PydanticOutputParser):
+    pass
+
+
+class _WholeJsonOutputKeyToolsParser(_WholeOutput, JsonOutputKeyToolsParser):
+    pass
+
+
+class _WholePydanticToolsParser(_WholeOutput, PydanticToolsParser):
+    pass
+
+
+def _raise_if_cut_short(message: Any) -> None:
+    """Raise when a reply holds no finished call or document: an invalid call, or JSON cut by the budget."""
+    if not isinstance(message, AIMessage) or message.tool_calls:
+        return
+    text = content_text(message.content)
+    errors = [call.get("error") or "" for call in message.invalid_tool_calls]
+    cut = message.response_metadata.get("finish_reason") == "length"
+    if not errors and not (cut and not _is_json(text)):
+        return
+    used = (message.usage_metadata or {}).get("output_tokens")
+    budget = (
+        f"the token budget ran out after {used} tokens (max_tokens) before the structured output was "
+        "complete; raise max_tokens to let the model finish it"
+    )
+    msg = next((e for e in errors if e), budget if cut else "the tool call is invalid")
+    raise OutputParserException(msg, llm_output=text)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:

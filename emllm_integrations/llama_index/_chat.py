@@ -13,6 +13,7 @@ from typing import Any
 import emllm
 from emllm import chat
 from emllm.chat_session import ChatReply
+from emllm.json_schema import TokenBudgetError
 from llama_index.core.base.llms.types import ChatMessage, MessageRole, TextBlock, ToolCallBlock
 from llama_index.core.llms.llm import ToolSelection
 
@@ -105,6 +106,17 @@ def tool_selections(message: ChatMessage) -> list[ToolSelection]:
     ]
 
 
+def no_tool_call_error(message: ChatMessage) -> ValueError:
+    """Why a reply that should hold a tool call holds none: TokenBudgetError when `max_new_tokens` cut the
+    call short, else a ValueError naming the invalid calls' errors or quoting the reply."""
+    extra = message.additional_kwargs
+    errors = [call.get("error") or "" for call in extra.get("invalid_tool_calls") or []]
+    if not errors:
+        return ValueError(f"expected at least one tool call, got: {message.content!r}")
+    msg = "expected at least one tool call; the reply's call is invalid: " + "; ".join(errors)
+    return TokenBudgetError(msg) if extra.get("finish_reason") == "length" else ValueError(msg)
+
+
 def keep_first_tool_call(message: ChatMessage) -> None:
     """Drop every tool call after the first (when parallel calls are not allowed)."""
     calls = [block for block in message.blocks if isinstance(block, ToolCallBlock)]
@@ -125,6 +137,7 @@ def user_turn_frame(engine: emllm.EMLLM, system_prompt: str | None = None) -> tu
 __all__ = [
     "assistant_message",
     "keep_first_tool_call",
+    "no_tool_call_error",
     "to_emllm_messages",
     "tool_selections",
     "tool_specs",

@@ -5,7 +5,9 @@ Every call makes its session hold exactly the rendered prompt (`Session.sync`): 
 is computed once, only its new suffix is read, however long it grows. Chat messages and tools are rendered
 by `emllm.chat` (the chat template, or its default tool prompt where the template has none) and tool calls
 parsed back into `ToolCallBlock`s; when a tool is required, decoding is constrained to the tools' JSON
-schema.
+schema. A required call that `max_new_tokens` cuts short selects no tool (it is kept in
+`additional_kwargs["invalid_tool_calls"]`), and `get_tool_calls_from_response` raises
+`emllm.json_schema.TokenBudgetError` for it: a tool never runs with made-up arguments.
 """
 
 from __future__ import annotations
@@ -293,8 +295,7 @@ class EMLLM(FunctionCallingLLM):
     ) -> list[ToolSelection]:
         selections = _chat.tool_selections(response.message)
         if not selections and error_on_no_tool_call:
-            msg = f"expected at least one tool call, got: {response.message.content!r}"
-            raise ValueError(msg)
+            raise _chat.no_tool_call_error(response.message)
         return selections
 
     # -- sessions ---------------------------------------------------------------------------------
