@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import emllm
 import pytest
+from emllm import TokenBudgetError
 from emllm.chat import InvalidToolCall, ToolCall
 from emllm.chat_session import ChatReply, ChatSession, ChatUsage
-from emllm.json_schema import TokenBudgetError
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent, ToolCallResult
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole, TextBlock, ToolCallBlock
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler

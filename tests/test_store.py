@@ -332,23 +332,29 @@ def test_corrupted_keys_are_detected_when_read(model, tmp_path) -> None:
 def test_missing_state_file_is_detected(model, tmp_path) -> None:
     _saved_with_segment(model, tmp_path)
     engine = open_engine(model, tmp_path)
-    engine.store._folder("s").joinpath(engine.store._row("s")["state_file"]).unlink()
+    engine.store._folder("s").joinpath(engine.store._row("s").state_file).unlink()
     with pytest.raises(emllm.CorruptSessionError, match="missing"):
         engine.session("s")
 
 
-def test_orphans_of_a_crash_are_removed_at_open(model, tmp_path) -> None:
+def test_stray_files_of_a_crash_go_when_their_session_is_opened_or_collected(model, tmp_path) -> None:
     _saved_with_segment(model, tmp_path)
     engine = open_engine(model, tmp_path)
     stray = engine.store._folder("s") / "seg-00000099-deadbeef.safetensors"
     stray.write_bytes(b"half written")
-    ghost = tmp_path / "sessions" / "ghost-000000000000"
+    ghost = tmp_path / "sessions" / f"ghost-{'0' * 64}"  # a first save that crashed before its state
     ghost.mkdir()
-    (ghost / "state-1.safetensors").write_bytes(b"never committed")
+    half = ghost / "seg-00000000-deadbeef.safetensors"
+    half.write_bytes(b"never committed")
+    foreign = ghost / "notes.txt"  # not a name the store writes: never removed
+    foreign.write_text("someone else's")
     engine.store.close()
     engine = open_engine(model, tmp_path)
-    assert not stray.exists() and not ghost.exists()
+    assert stray.exists() and half.exists()  # opening a store removes nothing
     assert engine.session("s").stats().tokens == 600
+    assert not stray.exists()  # opening a session (under its lock) removes what its crashed saves left
+    assert engine.store.remove_orphans() == 1
+    assert not half.exists() and foreign.exists()
 
 
 def test_disk_budget_refuses_a_save_and_writes_nothing(model, tmp_path) -> None:

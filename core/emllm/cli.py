@@ -5,6 +5,7 @@ emllm chat --session NAME                    streaming chat that remembers acros
 emllm ingest FILE... --session NAME          read documents into a session
 emllm ask --session NAME "question"          one question against a session
 emllm sessions [list | info NAME | rm NAME]  what the store holds
+emllm sessions [gc | recover | backup DEST]  store upkeep: stray files, a lost index, a consistent copy
 emllm plot --session NAME -o out.png         a picture of the segmentation
 """
 
@@ -151,8 +152,26 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _sessions(args: argparse.Namespace) -> int:
-    store = _store(args)
     action = args.action or "list"
+    if action == "recover":
+        from .store import SessionStore
+
+        store = SessionStore.recover(args.store)
+        print(f"index of {store.root} rebuilt from the session files: {len(store.list())} sessions")
+        return 0
+    store = _store(args)
+    if action == "gc":
+        print(f"removed {store.remove_orphans()} stray files from {store.root}")
+        return 0
+    if action == "backup":
+        if not args.name:
+            raise SystemExit("emllm sessions backup: give the folder to copy the store into")
+        failed = store.backup(args.name)
+        print(f"copied {len(store.list()) - len(failed)} sessions to {args.name}")
+        if failed:
+            print(f"emllm: error: not copied (damaged): {', '.join(failed)}", file=sys.stderr)
+            return 1
+        return 0
     if action == "list":
         stored = store.list()
         if not stored:
@@ -246,8 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     sessions = commands.add_parser(
         "sessions", parents=[store], help="list, inspect or remove stored sessions"
     )
-    sessions.add_argument("action", nargs="?", choices=["list", "info", "rm"], help="default: list")
-    sessions.add_argument("name", nargs="?", help="session name (info, rm)")
+    sessions.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "info", "rm", "gc", "recover", "backup"],
+        help="default: list; gc: remove files crashed saves left; recover: rebuild a damaged or lost index "
+        "from the session files; backup DEST: copy the store, consistently, while it is in use",
+    )
+    sessions.add_argument("name", nargs="?", help="session name (info, rm) or folder (backup)")
     sessions.add_argument("--verify", action="store_true", help="info: check every file's checksums")
     sessions.set_defaults(handler=_sessions)
 

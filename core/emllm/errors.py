@@ -30,6 +30,14 @@ class SessionNotFoundError(EMLLMError, KeyError):
         return str(self.args[0]) if self.args else "session not found"
 
 
+class InvalidSessionIdError(EMLLMError, ValueError):
+    """A session id that cannot name a stored session (not text, empty, too long, NUL, invalid Unicode)."""
+
+
+class TokenBudgetError(EMLLMError, ValueError):
+    """The token budget (max_new_tokens) cannot hold, or did not hold, a complete constrained output."""
+
+
 class StaleCheckpointError(EMLLMError, ValueError):
     """A checkpoint the session can no longer return to (a cut removed what it held), or another's."""
 
@@ -58,6 +66,27 @@ class DiskBudgetError(StoreError, OSError):
     """Saving would take the store past its max_disk_bytes."""
 
 
+class StoreWriteError(StoreError, OSError):
+    """A write to the store failed (disk full, permission denied, I/O error); the last committed state
+    of every session is intact."""
+
+
+class ReadOnlyStoreError(StoreError, PermissionError):
+    """The store's folder or index cannot be written: it can be listed and read, not changed."""
+
+
+class StoreIndexError(StoreError, OSError):
+    """The store's index (index.sqlite) is damaged or unreadable; the session files are untouched."""
+
+
+class ForkedStoreError(StoreError, RuntimeError):
+    """A SessionStore (or its engine) used in a child process after fork(): its locks belong to the parent."""
+
+
+class InvalidInputError(EMLLMError, TypeError):
+    """An argument of a type the engine does not take (e.g. a source_id that is not text)."""
+
+
 __all__ = [
     "ConfigError",
     "ConfigMismatchError",
@@ -65,11 +94,18 @@ __all__ = [
     "DiskBudgetError",
     "EMLLMError",
     "EmptyInputError",
+    "ForkedStoreError",
+    "InvalidInputError",
+    "InvalidSessionIdError",
     "ModelLoadError",
     "ModelMismatchError",
+    "ReadOnlyStoreError",
     "SessionLockedError",
     "SessionNotFoundError",
     "StaleCheckpointError",
     "StoreError",
+    "StoreIndexError",
+    "StoreWriteError",
+    "TokenBudgetError",
     "UnsupportedModelError",
 ]

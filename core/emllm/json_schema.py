@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import EMLLMError
+from .errors import EMLLMError, TokenBudgetError
 
 MAX_NUMBER_DIGITS = 15  # significant digits of a number: exact round trip, and no endless digit loops
 _PLAIN_STRING_FORBIDDEN = {'"', "\\"} | {chr(i) for i in range(0x20)}
@@ -39,10 +39,6 @@ _HEX = set("0123456789abcdefABCDEF")
 
 class SchemaError(EMLLMError, ValueError):
     """A JSON schema that cannot be used for constrained decoding."""
-
-
-class TokenBudgetError(EMLLMError, ValueError):
-    """The token budget (max_new_tokens) cannot hold, or did not hold, a complete constrained output."""
 
 
 # -- schema compilation -------------------------------------------------------------------------------

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import emllm
-from emllm import chat
+from emllm import TokenBudgetError, chat
 from emllm.chat_session import ChatReply
-from emllm.json_schema import TokenBudgetError
 from llama_index.core.base.llms.types import ChatMessage, MessageRole, TextBlock, ToolCallBlock
 from llama_index.core.llms.llm import ToolSelection
 

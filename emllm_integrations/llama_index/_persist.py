@@ -20,6 +20,7 @@ from array import array
 from pathlib import Path
 
 import emllm
+from emllm.store_layout import folder_name
 
 FOLDER = "llama_index"
 
@@ -32,9 +33,16 @@ def _path(session: emllm.Session) -> Path | None:
     root = getattr(store, "root", None)
     if root is None or session.id.startswith("tmp-"):
         return None
-    digest = hashlib.sha256(session.id.encode()).hexdigest()[:12]
-    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", session.id)[:40]
-    return Path(root) / FOLDER / f"{readable}-{digest}.json"
+    path = Path(root) / FOLDER / f"{folder_name(session.id)}.json"
+    legacy = path.with_name(f"{_legacy_name(session.id)}.json")  # 12 hex digits could collide (before 0.2)
+    if not path.exists() and legacy.exists():
+        os.replace(legacy, path)
+    return path
+
+
+def _legacy_name(session_id: str) -> str:
+    digest = hashlib.sha256(session_id.encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', session_id)[:40]}-{digest}"
 
 
 def _records(session: emllm.Session) -> dict:

@@ -7,7 +7,7 @@ by `emllm.chat` (the chat template, or its default tool prompt where the templat
 parsed back into `ToolCallBlock`s; when a tool is required, decoding is constrained to the tools' JSON
 schema. A required call that `max_new_tokens` cuts short selects no tool (it is kept in
 `additional_kwargs["invalid_tool_calls"]`), and `get_tool_calls_from_response` raises
-`emllm.json_schema.TokenBudgetError` for it: a tool never runs with made-up arguments.
+`emllm.TokenBudgetError` for it: a tool never runs with made-up arguments.
 """
 
 from __future__ import annotations
