@@ -13,6 +13,17 @@ events held in RAM vs memory-mapped from disk).
 
     python benchmarks/store.py                       # 100k and 1M tokens, 1 GiB budget
     python benchmarks/store.py --tokens 50000 --budget-mb 64
+
+No store (`--no-store`): the same model and text read into a session with no store, so every event
+stays in RAM; the row compares how far RSS grows past the runtime (imports) with what `stats()` counts
+(cpu_bytes + device_bytes) plus the model's weights. The session's own bookkeeping (token ids, surprise,
+char spans, tensor headers) is what the difference holds; it should stay under half of what is counted.
+Fields: tokens, chunk_size, runtime_rss_mb, final_rss_mb, counted_mb (stats + model), rss_over_counted
+(final - runtime) / counted, within_1_5x, ingest_tok_s, events. These rows are kept beside the store rows
+(results JSON key `no_store`, own table in the docs).
+
+    python benchmarks/store.py --no-store --tokens 170000                    # about 1.5 min on 2 cores
+    python benchmarks/store.py --no-store --tokens 170000 --chunk-size 16    # many appends; about 11 min
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import argparse
 import datetime
 import json
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -43,6 +55,10 @@ def _rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         pages = int(handle.read().split()[1])
     return pages * resource.getpagesize() / 2**20
+
+
+def _today() -> str:
+    return datetime.date.today().isoformat()
 
 
 def _peak_rss_mb() -> float:
@@ -173,6 +189,50 @@ def run_row(tokens: int, budget_mb: float) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def run_no_store_row(tokens: int, chunk_size: int | None) -> dict:
+    """Ingest `tokens` tokens into a session without a store; RSS against what stats() counts."""
+    import torch
+    from emllm import EMLLM, EMLLMConfig
+
+    runtime_mb = _rss_mb()  # python, torch and emllm imported, nothing built yet
+    torch.set_num_threads(1)
+    ids = list(AUSTEN.read_bytes())
+    ids = (ids * (tokens // len(ids) + 1))[:tokens]
+    model = _model()
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    config = EMLLMConfig() if chunk_size is None else EMLLMConfig(chunk_size=chunk_size)
+    engine = EMLLM(model, ByteTokenizer(), config, name="store-bench")
+    session = engine.session()
+    start = time.perf_counter()
+    for offset in range(0, tokens, PIECE_TOKENS):
+        session.feed(ids[offset : offset + PIECE_TOKENS], progress=False)
+        done = min(offset + PIECE_TOKENS, tokens)
+        print(f"  {done:,} tokens, {time.perf_counter() - start:.0f} s, rss {_rss_mb():.0f} MB", flush=True)
+    ingest_s = time.perf_counter() - start
+    final_mb = _rss_mb()
+    stats = session.stats()
+    counted_mb = (stats.cpu_bytes + stats.device_bytes) / 2**20 + model_mb
+    ratio = (final_mb - runtime_mb) / counted_mb
+    return {
+        "tokens": tokens,
+        "chunk_size": config.chunk_size,
+        "runtime_rss_mb": round(runtime_mb, 1),
+        "final_rss_mb": round(final_mb, 1),
+        "cpu_mb": round(stats.cpu_bytes / 2**20, 1),
+        "device_mb": round(stats.device_bytes / 2**20, 1),
+        "model_mb": round(model_mb, 1),
+        "counted_mb": round(counted_mb, 1),
+        "rss_over_counted": round(ratio, 2),
+        "within_1_5x": ratio <= 1.5,
+        "ingest_tok_s": round(tokens / ingest_s, 1),
+        "events": stats.events,
+    }
+
+
+def _row_key(row: dict) -> tuple:
+    return row.get("label"), row["tokens"], row["chunk_size"]
+
+
 def write_doc(summary: dict) -> None:
     lines = [
         "## Session store (`benchmarks/store.py`)",
@@ -194,6 +254,28 @@ def write_doc(summary: dict) -> None:
             f"| {r['disk_bytes_per_token']:,.0f} | {r['save_s_per_1k']:.3f} | {r['ingest_tok_s']:,.0f} "
             f"| {r['open_s']:.2f} | {r['retrieval_ms_ram']:.1f} | {r['retrieval_ms_disk']:.1f} |"
         )
+    no_store = summary.get("no_store")
+    if no_store:
+        lines += [
+            "",
+            "Without a store (`--no-store`): every event stays in RAM. Runtime = RSS with python, torch and "
+            "emllm imported; counted = `stats().cpu_bytes + device_bytes` + the model's weights; the ratio "
+            "is (final RSS - runtime) / counted. Rows labelled 'before' ran this script against the "
+            "engine of the commit named (PYTHONPATH=<that checkout>/core).  ",
+            f"Machine: {no_store['machine']}.  ",
+            *(f"`{r['command']}` ({r['date']})  " for r in no_store["rows"]),
+            "",
+            "| code | tokens | chunk | events | runtime MB | final RSS MB | counted MB | ratio | within 1.5x "
+            "| ingest tok/s |",
+            "|:--|---:|---:|---:|---:|---:|---:|---:|:-:|---:|",
+        ]
+        for r in no_store["rows"]:
+            lines.append(
+                f"| {r.get('label', '')} | {r['tokens']:,} | {r['chunk_size']} | {r['events']:,} "
+                f"| {r['runtime_rss_mb']:,.0f} | {r['final_rss_mb']:,.0f} | {r['counted_mb']:,.1f} "
+                f"| {r['rss_over_counted']:.2f} | {'yes' if r['within_1_5x'] else 'NO'} "
+                f"| {r['ingest_tok_s']:,.0f} |"
+            )
     replace_section(DOC, "## Session store (`benchmarks/store.py`)", "\n".join(lines) + "\n")
 
 
@@ -201,36 +283,64 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--budget-mb", type=float, default=1024)
+    parser.add_argument(
+        "--no-store", action="store_true", help="sessions without a store: RSS against stats() (own table)"
+    )
+    parser.add_argument("--chunk-size", type=int, help="with --no-store: EMLLMConfig.chunk_size")
+    parser.add_argument(
+        "--label",
+        default="current",
+        help="with --no-store: names the code measured; rows of other labels, sizes or chunks are kept",
+    )
     parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)  # internal: one row, JSON out
     args = parser.parse_args()
     if args.row:
-        print("ROW " + json.dumps(run_row(args.tokens[0], args.budget_mb)), flush=True)
+        if args.no_store:
+            row = run_no_store_row(args.tokens[0], args.chunk_size)
+        else:
+            row = run_row(args.tokens[0], args.budget_mb)
+        print("ROW " + json.dumps(row), flush=True)
         return
     rows = []
     for tokens in args.tokens:
-        print(f"{tokens:,} tokens, budget {args.budget_mb:,.0f} MB", flush=True)
+        print(f"{tokens:,} tokens, " + ("no store" if args.no_store else f"budget {args.budget_mb:,.0f} MB"))
+        row_args = ["--tokens", str(tokens), "--budget-mb", str(args.budget_mb)]
+        if args.no_store:
+            row_args += ["--no-store"] + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
         proc = subprocess.run(
-            [sys.executable, __file__, "--row", "--tokens", str(tokens), "--budget-mb", str(args.budget_mb)],
-            stdout=subprocess.PIPE,
-            text=True,
-            check=True,
+            [sys.executable, __file__, "--row", *row_args], stdout=subprocess.PIPE, text=True, check=True
         )
         for line in proc.stdout.splitlines():
             if line.startswith("ROW "):
                 rows.append(json.loads(line[4:]))
             else:
                 print(line, flush=True)
+        if args.no_store:
+            command = "python benchmarks/store.py " + shlex.join(sys.argv[1:])
+            rows[-1] = {"label": args.label, **rows[-1], "command": command, "date": _today()}
         print(json.dumps(rows[-1]), flush=True)
-    summary = {
-        "benchmark": "store",
+    run = {
         "machine": machine(threads=1),
-        "date": datetime.date.today().isoformat(),
+        "date": _today(),
         "command": "python benchmarks/store.py " + " ".join(sys.argv[1:]),
         "rows": rows,
     }
+    summary = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.no_store:  # the store rows, and other no-store rows (label, tokens, chunk), stay as they are
+        measured = {_row_key(r) for r in rows}
+        kept = [r for r in summary.get("no_store", {}).get("rows", []) if _row_key(r) not in measured]
+        summary.setdefault("benchmark", "store")
+        summary["no_store"] = {"machine": run["machine"], "rows": kept + rows}
+    else:
+        summary = {
+            "benchmark": "store",
+            **run,
+            **({"no_store": summary["no_store"]} if "no_store" in summary else {}),
+        }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
-    write_doc(summary)
+    if "rows" in summary:
+        write_doc(summary)
 
 
 if __name__ == "__main__":

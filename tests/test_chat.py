@@ -260,3 +260,28 @@ def test_the_budget_never_changes_a_forced_calls_arguments(make_smol_engine, smo
     else:
         assert reply.finish_reason == "length"
         assert "token budget ran out" in reply.invalid_tool_calls[0].error
+
+
+def test_a_chat_stream_closed_from_another_thread_releases_the_chat(make_smol_engine):
+    """A chat stream holds the chat across its yields; closing it on another thread (a web server's worker,
+    the garbage collector) raised 'cannot release un-acquired lock' and left the chat locked for good."""
+    import threading
+
+    from emllm.chat_session import ChatSession
+
+    chat = ChatSession.of(make_smol_engine().session())
+    stream = chat.stream([{"role": "user", "content": "Tell me a story."}], max_new_tokens=12, ignore_eos=True)
+    next(stream)
+    closer = threading.Thread(target=stream.close)
+    closer.start()
+    closer.join(timeout=30)
+    replies: list = []
+    worker = threading.Thread(
+        target=lambda: replies.append(
+            chat.reply([{"role": "user", "content": "Again."}], max_new_tokens=3, ignore_eos=True)
+        ),
+        daemon=True,  # a chat left locked must fail the test, not hang pytest
+    )
+    worker.start()
+    worker.join(timeout=60)
+    assert replies, "the chat stayed locked after its stream was closed on another thread"

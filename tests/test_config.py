@@ -132,6 +132,18 @@ def test_engine_refuses_a_window_beyond_the_trained_context(make_engine) -> None
     assert engine.rotary.length == 81
 
 
+@pytest.mark.parametrize("name", ["refinement_layers", "recall_layers"])
+def test_engine_refuses_a_layer_band_past_the_model(make_engine, name) -> None:
+    """A band that holds none of the model's layers used to pass and fail in the first feed (refinement
+    stacked no keys) or silently rank with every layer (recall): refused when the engine is built."""
+    for band in ((2, 4), (5, 9)):  # the tiny model has layers 0..1
+        with pytest.raises(ConfigError, match=rf"{name} \({band[0]}, {band[1]}\) .*2 layers \(0\.\.1\)"):
+            make_engine(**{name: band})
+    engine = make_engine(**{name: (1, 9)})  # reaches past the last layer: clipped to layer 1
+    engine.session().feed(list(range(40, 240)))
+    assert EMLLMConfig(**{name: (5, 9)}).check_against_model(None, "tiny") is None  # no model: no check
+
+
 def test_refinement_band() -> None:
     assert EMLLMConfig().refinement_band(8) == range(4, 8)
     assert EMLLMConfig(refinement_layers=(1, 3)).refinement_band(8) == range(1, 3)

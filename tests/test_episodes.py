@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from emllm import EMLLMConfig
-from emllm.episodes import refine_spans
+from emllm.episodes import Timeline, refine_spans
 
 SMALL = dict(n_init=4, n_local=64, n_mem=48, chunk_size=16, min_event_size=4, max_event_size=16)
 
@@ -150,6 +150,70 @@ def test_events_store_the_window_keys_they_left_with(make_engine) -> None:
         offset = start - reference.timeline.window_start
         expected = layer_ref.k_raw[:, :, offset : offset + stop - start]
         torch.testing.assert_close(layer_whole.events_k[0], expected)
+
+
+# ------------------------------------------------------------------------------------------ token records
+
+
+def test_token_records_grow_in_place_not_by_copying_the_history(make_engine) -> None:
+    """Each chunk used to rebuild the surprise and boundary records with torch.cat (the whole history
+    copied per chunk: quadratic, and RSS far above stats() on long texts); they now grow by doubling."""
+    session = make_engine().session()
+    session.feed(random_ids(64))
+    moves, chunks = 0, 200
+    for i in range(chunks):
+        held = session.timeline.surprise, session.timeline.boundary  # views of the records so far
+        session.feed(random_ids(16, seed=i))
+        now = session.timeline.surprise, session.timeline.boundary
+        moves += sum(a.data_ptr() != b.data_ptr() for a, b in zip(held, now, strict=True))
+        for before, after in zip(held, now, strict=True):
+            torch.testing.assert_close(after[: len(before)], before, rtol=0, atol=0, equal_nan=True)
+    assert moves <= 2 * 4, f"the records moved {moves} times in {chunks} chunks"  # 1024 -> 2048 -> 4096
+    assert_memory_consistent(session)
+
+
+def test_event_sizes_follow_every_change_of_the_events(make_engine) -> None:
+    """The sizes are kept incrementally (a rebuild per eviction was quadratic): cuts, refills and rewinds
+    must leave them equal to the events' spans."""
+    session = make_engine().session()
+
+    def check() -> None:
+        want = torch.tensor([b - a for a, b in session.timeline.events], dtype=torch.long)
+        assert torch.equal(session.timeline.event_sizes(), want)
+        assert torch.equal(session._event_sizes, want)
+
+    session.feed(random_ids(600))
+    check()
+    checkpoint = session.checkpoint()
+    session.feed(random_ids(300, seed=1))
+    check()
+    session.rewind(checkpoint)
+    check()
+    cut = session.timeline.events[10][0] + 3  # inside an event: it is shortened, the window refilled
+    session.truncate(cut)
+    check()
+    session.feed(random_ids(200, seed=2))
+    check()
+    session.truncate(5)
+    check()
+    assert_memory_consistent(session)
+
+
+def test_assigned_token_records_are_copied_and_grow_after_a_cut() -> None:
+    """What a restore assigns is copied in: later appends never write into the caller's tensors."""
+    config = EMLLMConfig(**SMALL)
+    timeline = Timeline()
+    surprise, boundary = torch.arange(10.0), torch.zeros(10, dtype=torch.bool)
+    timeline.token_ids, timeline.surprise, timeline.boundary = list(range(10)), surprise, boundary
+    timeline.events = [(0, 4), (4, 6)]
+    assert timeline.event_sizes().tolist() == [4, 2]
+    timeline.window_start = 6
+    assert timeline.truncate(5) == (2, 1)
+    assert timeline.event_sizes().tolist() == [4, 1]
+    timeline.append([1, 2, 3], torch.tensor([7.0, 8.0, 9.0]), config)
+    assert timeline.surprise.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 9.0]
+    assert len(timeline.boundary) == timeline.num_tokens == 8
+    assert surprise.tolist() == [float(i) for i in range(10)] and not boundary.any()
 
 
 # ------------------------------------------------------------------------------------------ positions

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import emllm
 import pytest
@@ -72,6 +73,23 @@ def test_out_of_vocabulary_ids_are_refused(engine, bad) -> None:
     assert session.token_ids == list(b"hi") and session.text == "hi"
     session.feed(" there")  # still usable
     assert session.text == "hi there"
+
+
+@pytest.mark.parametrize("bad", [Path("notes.txt"), b"notes", 7])
+def test_a_source_id_that_is_not_text_is_refused_before_anything_changes(engine, bad) -> None:
+    """Accepted, it broke every later save of the session; now refused where it comes in."""
+    session = engine.session()
+    session.feed("hello there", source_id="greeting")
+    before = (session.token_ids, session.text, session.stats(), list(session._sources))
+    with pytest.raises(
+        emllm.InvalidInputError, match=r"source_id must be a str or None, got (PosixPath|bytes|int)"
+    ):
+        session.feed(" again", source_id=bad)
+    with pytest.raises(TypeError, match="source_id"):  # a diverged history: refused before the cut
+        session.sync(list(b"hello world"), source_id=bad)
+    assert (session.token_ids, session.text, session.stats(), session._sources) == before
+    session.feed(" again", source_id="more")  # still usable
+    assert session.text == "hello there again"
 
 
 def test_generate_needs_something_to_continue(engine) -> None:
@@ -216,6 +234,18 @@ def test_stop_string_ends_the_output_before_it(engine, prompt) -> None:
     out = "".join(pieces)
     assert stop not in out
     assert out == free[: free.find(stop)]
+
+
+def test_an_empty_stop_string_is_refused_before_anything_changes(engine) -> None:
+    """ "" occurs everywhere: it used to end generation at once with "" after appending a token."""
+    session = engine.session()
+    session.feed("hello")
+    before = (session.token_ids, session.text, session.stats())
+    with pytest.raises(ValueError, match="stop strings must not be empty"):
+        session.generate(" there", stop=[""], max_new_tokens=3)
+    with pytest.raises(ValueError, match="stop strings must not be empty"):
+        session.stream(max_new_tokens=3, stop=["x", ""])  # checked when called, not when first iterated
+    assert (session.token_ids, session.text, session.stats()) == before
 
 
 def test_stream_joins_to_generate(engine) -> None:
@@ -629,6 +659,87 @@ def test_threads_on_one_session_queue_up(engine) -> None:
         encoded = text.encode()
         assert any(bytes(ids[i : i + len(encoded)]) == encoded for i in range(len(ids) - len(encoded) + 1))
     assert_memory_consistent(session)
+
+
+def _letters_only(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """Every generated token is a lowercase letter, so every token is a piece of its own."""
+    masked = torch.full_like(logits, float("-inf"))
+    masked[97:123] = logits[97:123]
+    return masked
+
+
+def _in_thread(function, *args):
+    """function(*args) on a new daemon thread: a call that never returns fails the test, not pytest."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as exc:  # re-raised here
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), f"{function} did not return within 30 s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _feed_in_background(session, text: str) -> threading.Event:
+    done = threading.Event()
+
+    def feed() -> None:
+        session.feed(text)
+        done.set()
+
+    threading.Thread(target=feed, daemon=True).start()  # daemon: a session left locked must not hang pytest
+    return done
+
+
+def test_a_stream_closed_from_another_thread_releases_the_session(engine) -> None:
+    """A stream holds the session across its yields; closing it elsewhere (a worker thread, the garbage
+    collector) used to raise 'cannot release un-acquired lock' and leave the session locked for good."""
+    session = engine.session()
+    session.feed(prose(100, seed=21, ascii_only=True))
+    stream = session.stream(PROMPT, max_new_tokens=20, logits_processor=_letters_only)
+    first = next(stream)
+    _in_thread(stream.close)  # raised RuntimeError before
+    assert _feed_in_background(session, " after").wait(timeout=30), "the session stayed locked"
+    assert session.text == prose(100, seed=21, ascii_only=True) + PROMPT + first + " after"
+    assert session.text == ByteTokenizer().decode(session.token_ids)
+    assert_memory_consistent(session)
+
+
+def test_a_stream_resumed_on_other_threads_keeps_others_waiting_until_it_ends(engine) -> None:
+    session = engine.session()
+    session.feed(prose(100, seed=22, ascii_only=True))
+    stream = session.stream(PROMPT, max_new_tokens=8, logits_processor=_letters_only)
+    pieces = [next(stream)]
+    fed = _feed_in_background(session, " after")
+    assert not fed.wait(timeout=0.5), "a feed from another thread ran inside an open stream"
+    pieces.append(_in_thread(next, stream))
+    pieces += _in_thread(list, stream)  # ends on a third thread
+    assert fed.wait(timeout=30), "the session stayed locked"
+    assert len(pieces) == 8
+    assert session.text == prose(100, seed=22, ascii_only=True) + PROMPT + "".join(pieces) + " after"
+    assert_memory_consistent(session)
+
+
+def test_a_logits_processor_may_call_the_session_while_it_streams(engine) -> None:
+    """The thread running a stream's step holds the session, so it may re-enter it (here: stats())."""
+    session = engine.session()
+    seen: list[int] = []
+
+    def count_tokens(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        seen.append(session.stats().tokens)
+        return _letters_only(generated, logits)
+
+    stream = session.stream(PROMPT, max_new_tokens=4, logits_processor=count_tokens)
+    pieces = [next(stream), _in_thread(next, stream)]  # the second step runs on another thread
+    pieces += list(stream)
+    assert len(pieces) == 4 and seen == [len(PROMPT) + i for i in range(4)]
 
 
 # ------------------------------------------------------------------------------------------ stats

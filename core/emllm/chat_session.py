@@ -34,6 +34,7 @@ from .chat import (
     tool_call_schema,
 )
 from .json_schema import JsonSchemaLogitsProcessor
+from .session_lock import SessionLock
 
 if TYPE_CHECKING:
     from .session import Session
@@ -128,7 +129,7 @@ class ChatSession:
         self.session = session
         self.tokenizer = session.engine.tokenizer
         self.tool_format: ToolFormat = tool_format or detect_tool_format(self.tokenizer)
-        self._lock = threading.RLock()
+        self._lock = SessionLock()  # a chat stream holds it across its yields, released from any thread
 
     @classmethod
     def of(cls, session: Session, *, tool_format: ToolFormat | None = None) -> ChatSession:
@@ -306,7 +307,7 @@ class ChatStream:
     def _run(self) -> Iterator[str]:
         turn, session = self._turn, self.chat.session
         holdback = _ToolTextHoldback(self.chat.tool_format) if turn.parse_tools else None
-        with self.chat._lock:
+        with self.chat._lock.stream() as hold:
             self.chat._sync(turn)
             pieces: list[str] = []
             sent = ""
@@ -318,6 +319,7 @@ class ChatStream:
                 if safe:
                     sent += safe
                     yield safe
+                    hold.resumed()
             reply = self.chat._finish(turn, "".join(pieces))
         if holdback is not None and not turn.prefill:
             tail = reply.content[len(sent) :] if reply.content.startswith(sent) else ""

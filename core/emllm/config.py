@@ -1,7 +1,7 @@
 """EMLLMConfig: every knob of the EM-LLM algorithm, validated, with presets per model family and size.
 
 Knows nothing about models or tensors; `check_against_model` is the one place that compares a config
-with a model's trained context.
+with a model (its trained context and its number of layers).
 """
 
 from __future__ import annotations
@@ -180,8 +180,19 @@ class EMLLMConfig(BaseModel):
     def recall_band(self, num_layers: int) -> range:
         return _layer_band(self.recall_layers, num_layers)
 
-    def check_against_model(self, max_position_embeddings: int | None, model_name: str) -> None:
-        """Refuse a window whose positions would leave the model's trained range."""
+    def check_against_model(
+        self, max_position_embeddings: int | None, model_name: str, num_layers: int | None = None
+    ) -> None:
+        """Refuse a window whose positions would leave the model's trained range, and layer bands that
+        hold none of the model's layers (a band reaching past the last layer is clipped to it)."""
+        for name in ("refinement_layers", "recall_layers"):
+            band = getattr(self, name)
+            if num_layers is not None and band is not None and band[0] >= num_layers:
+                msg = (
+                    f"{name} {band} holds none of {model_name}'s {num_layers} layers "
+                    f"(0..{num_layers - 1}); choose a band starting below {num_layers}, or None"
+                )
+                raise ConfigError(msg)
         if max_position_embeddings is None:
             return
         if self.position_span > max_position_embeddings:

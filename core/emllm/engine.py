@@ -51,17 +51,19 @@ class EMLLM:
         check_supported(model)
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.config = config or default_config(self.name)
-        self.config.check_against_model(getattr(model.config, "max_position_embeddings", None), self.name)
+        text_config = (
+            model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        )
+        self.num_layers = text_config.num_hidden_layers
+        self.config.check_against_model(
+            getattr(model.config, "max_position_embeddings", None), self.name, self.num_layers
+        )
         register_attention()
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        text_config = (
-            model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        )
-        self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
         self.head_dim = getattr(text_config, "head_dim", None) or (
             text_config.hidden_size // text_config.num_attention_heads

@@ -8,7 +8,7 @@ timeline decides the spans; each LayerMemory moves its own keys and values. Know
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import bisect
 
 import torch
 
@@ -23,16 +23,82 @@ from .segmentation import (
 )
 
 
-@dataclass
-class Timeline:
-    """Token-level bookkeeping shared by every layer of a session."""
+class _Column:
+    """A 1-D tensor that grows by doubling its capacity: appending c values copies c values (amortised),
+    where rebuilding it with torch.cat on every chunk copied the whole history each time (quadratic in the
+    text, and the freed copies stayed in the process's heap)."""
 
-    token_ids: list[int] = field(default_factory=list)
-    surprise: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (N,) fp32, NaN = unknown
-    boundary: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.bool))  # (N,)
-    init_len: int = 0
-    events: list[tuple[int, int]] = field(default_factory=list)  # absolute [start, stop)
-    window_start: int = 0
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self._buffer = torch.empty(0, dtype=dtype)
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The valid prefix, a view: later appends after a truncate may write into it (clone to keep)."""
+        return self._buffer[: self._len]
+
+    def assign(self, values: torch.Tensor) -> None:
+        self._buffer = values.detach().to("cpu", self.dtype, copy=True).reshape(-1)
+        self._len = self._buffer.shape[0]
+
+    def extend(self, values: torch.Tensor) -> None:
+        needed = self._len + values.shape[0]
+        if needed > self._buffer.shape[0]:
+            grown = torch.empty(max(needed, 2 * self._buffer.shape[0], 1024), dtype=self.dtype)
+            grown[: self._len] = self.values
+            self._buffer = grown
+        self._buffer[self._len : needed] = values
+        self._len = needed
+
+    def truncate(self, n: int) -> None:
+        self._len = min(self._len, n)
+
+
+class Timeline:
+    """Token-level bookkeeping shared by every layer of a session.
+
+    `token_ids` (a list), `surprise` (N,) fp32 (NaN = unknown) and `boundary` (N,) bool hold one entry
+    per computed token; `events` the absolute [start, stop) spans of the stored events. `surprise` and
+    `boundary` are views of buffers grown by doubling (assigning a tensor copies it in).
+    """
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self._surprise = _Column(torch.float32)
+        self._boundary = _Column(torch.bool)
+        self.init_len = 0
+        self._events: list[tuple[int, int]] = []  # absolute [start, stop)
+        self._sizes = _Column(torch.long)  # sizes of the first len(self._sizes) events, filled lazily
+        self.window_start = 0
+
+    @property
+    def surprise(self) -> torch.Tensor:
+        return self._surprise.values
+
+    @surprise.setter
+    def surprise(self, values: torch.Tensor) -> None:
+        self._surprise.assign(values)
+
+    @property
+    def boundary(self) -> torch.Tensor:
+        return self._boundary.values
+
+    @boundary.setter
+    def boundary(self, values: torch.Tensor) -> None:
+        self._boundary.assign(values)
+
+    @property
+    def events(self) -> list[tuple[int, int]]:
+        return self._events
+
+    @events.setter
+    def events(self, spans: list[tuple[int, int]]) -> None:
+        self._events = list(spans)
+        self._sizes.truncate(0)
 
     @property
     def num_tokens(self) -> int:
@@ -43,7 +109,16 @@ class Timeline:
         return self.num_tokens - self.window_start
 
     def event_sizes(self) -> torch.Tensor:
-        return torch.tensor([stop - start for start, stop in self.events], dtype=torch.long)
+        """(E,) long, tokens per event: a view, extended by the events added since the last call."""
+        known = len(self._sizes)
+        if known < len(self._events):
+            new = [stop - start for start, stop in self._events[known:]]
+            self._sizes.extend(torch.tensor(new, dtype=torch.long))
+        return self._sizes.values
+
+    def _events_changed_from(self, index: int) -> None:
+        """Events from `index` on were removed or edited: their cached sizes are recomputed when asked."""
+        self._sizes.truncate(index)
 
     def append(self, token_ids: list[int], surprise: torch.Tensor, config: EMLLMConfig) -> None:
         """Record computed tokens with their surprise and mark event boundaries."""
@@ -52,25 +127,27 @@ class Timeline:
             surprise, history, config.gamma, config.effective_surprise_window, config.surprise_floor
         )
         self.token_ids.extend(token_ids)
-        self.surprise = torch.cat((self.surprise, surprise.float()))
-        self.boundary = torch.cat((self.boundary, flags))
+        self._surprise.extend(surprise.float())
+        self._boundary.extend(flags)
 
     def truncate(self, n_tokens: int) -> tuple[int, int | None]:
         """Cut to the first n_tokens. Returns (events kept, new length of the last kept event or None)."""
         del self.token_ids[n_tokens:]
-        self.surprise = self.surprise[:n_tokens]
-        self.boundary = self.boundary[:n_tokens]
+        self._surprise.truncate(n_tokens)
+        self._boundary.truncate(n_tokens)
         if n_tokens >= self.window_start:
             return len(self.events), None
         self.window_start = n_tokens
         self.init_len = min(self.init_len, n_tokens)
-        kept = [(a, b) for a, b in self.events if a < n_tokens]
+        kept = bisect.bisect_left(self._events, (n_tokens,))  # the events starting before the cut
+        del self._events[kept:]
+        self._events_changed_from(kept)
         last_len = None
-        if kept and kept[-1][1] > n_tokens:
-            kept[-1] = (kept[-1][0], n_tokens)
-            last_len = n_tokens - kept[-1][0]
-        self.events = kept
-        return len(kept), last_len
+        if kept and self._events[-1][1] > n_tokens:
+            self._events[-1] = (self._events[-1][0], n_tokens)
+            self._events_changed_from(kept - 1)
+            last_len = n_tokens - self._events[-1][0]
+        return kept, last_len
 
     def rewind(
         self,
@@ -85,10 +162,16 @@ class Timeline:
         timeline still holds: the window's token records are put back from a copy."""
         del self.token_ids[window_start:]
         self.token_ids.extend(window_ids)
-        self.surprise = torch.cat((self.surprise[:window_start], window_surprise))
-        self.boundary = torch.cat((self.boundary[:window_start], window_boundary))
-        del self.events[events:]
+        for column, values in ((self._surprise, window_surprise), (self._boundary, window_boundary)):
+            column.truncate(window_start)
+            column.extend(values)
+        del self._events[events:]
+        self._events_changed_from(events)
         self.init_len, self.window_start = init_len, window_start
+
+    def add_events(self, spans: list[tuple[int, int]]) -> None:
+        """Append events (absolute [start, stop), after every stored one)."""
+        self._events.extend(spans)
 
     def reopen_window(self, n_local: int) -> tuple[int, int]:
         """After a cut: move the last events back into the window while it holds at most n_local tokens,
@@ -102,7 +185,8 @@ class Timeline:
             count += 1
         if count:
             self.window_start = self.events[-count][0]
-            del self.events[-count:]
+            del self._events[-count:]
+            self._events_changed_from(len(self._events))
         init_back = self.init_len if not self.events and self.num_tokens <= n_local else 0
         if init_back:
             self.window_start, self.init_len = 0, 0
@@ -162,7 +246,7 @@ def evict(timeline: Timeline, layers: list[LayerMemory], config: EMLLMConfig, ro
         layer.evict(init_take, spans, rotary)
     base = timeline.window_start
     timeline.init_len += init_take
-    timeline.events.extend((base + a, base + b) for a, b in spans)
+    timeline.add_events([(base + a, base + b) for a, b in spans])
     timeline.window_start = base + (spans[-1][1] if spans else init_take)
     return len(spans)
 

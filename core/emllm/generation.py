@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class GenerationConfig(BaseModel):
@@ -20,12 +20,20 @@ class GenerationConfig(BaseModel):
     top_k: int = Field(default=0, ge=0, description="Sample among the k most likely tokens (0 = all).")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: list[str] = Field(
-        default_factory=list, description="Stop before the first occurrence of any of these."
+        default_factory=list,
+        description="Stop before the first occurrence of any of these (non-empty strings).",
     )
     seed: int | None = Field(default=None, description="Seed for sampling (reproducible output).")
     ignore_eos: bool = Field(
         default=False, description="Keep generating past end-of-sequence (for benchmarks)."
     )
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):  # "" occurs everywhere: it would stop before the first character
+            raise ValueError(f"stop strings must not be empty, got {stop!r}")
+        return stop
 
 
 def choose_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:

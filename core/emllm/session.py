@@ -8,12 +8,12 @@ holds the session's lock, so threads sharing a session queue up.
 from __future__ import annotations
 
 import bisect
-import threading
 import weakref
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from os import PathLike
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from .checkpoint import SessionCheckpoint
 from .episodes import Timeline, evict
-from .errors import EmptyInputError, StaleCheckpointError, StoreError
+from .errors import EmptyInputError, InvalidInputError, StaleCheckpointError, StoreError
 from .generation import GenerationConfig, TextAccumulator, choose_token
 from .memory import ChunkContext, LayerMemory
 from .segmentation import token_surprise
+from .session_lock import SessionLock
 from .snapshot import SavedState
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class Session:
     def __init__(self, engine: EMLLM, session_id: str):
         self.engine = engine
         self.id = session_id
-        self._lock = threading.RLock()
+        self._lock = SessionLock()  # a stream holds it across its yields, released from any thread
         self._saved: SavedState | None = None  # set when a SessionStore holds this session
         self._checkpoints: weakref.WeakSet[SessionCheckpoint] = weakref.WeakSet()  # the ones still valid
         self.reset()
@@ -143,6 +144,7 @@ class Session:
         self, data: str | Sequence[int], source_id: str | None = None, *, progress: bool | None = None
     ) -> int:
         """Read text (or token ids) into memory; returns the number of tokens added."""
+        _check_source_id(source_id)
         with self._lock, self._rollback_on_error():
             ids = self._add_input(data, source_id)
             self._compute(self._take_pending() + ids, progress=progress)
@@ -155,6 +157,7 @@ class Session:
         prefix are dropped (the history diverged) and the new suffix is queued, to be computed by the
         next generate/stream/feed call. Returns the number of tokens reused.
         """
+        _check_source_id(source_id)
         ids = [int(t) for t in token_ids]
         if not ids:
             raise EmptyInputError("cannot sync to an empty token list")
@@ -327,13 +330,28 @@ class Session:
         question_recall: int | None = None,
         **options,
     ) -> Iterator[str]:
-        """Like generate, yielding text pieces as they are decoded."""
+        """Like generate, yielding text pieces as they are decoded.
+
+        Options are checked now; the session is taken when the first piece is asked for, and held until
+        the stream ends or is closed (`close()` from any thread, or garbage collection), so calls from
+        other threads queue behind it.
+        """
         generation = GenerationConfig(**options)
         if question_recall is None:
             question_recall = self.engine.config.question_recall
         elif question_recall < 0:
             raise ValueError(f"question_recall must be >= 0, got {question_recall}")
-        with self._lock, self._recalling(recall):
+        return self._stream(prompt, logits_processor, recall, question_recall, generation)
+
+    def _stream(
+        self,
+        prompt: str | Sequence[int] | None,
+        logits_processor: LogitsProcessor | None,
+        recall: Sequence[int],
+        question_recall: int,
+        generation: GenerationConfig,
+    ) -> Iterator[str]:
+        with self._lock.stream() as hold, self._recalling(recall):
             with self._rollback_on_error():
                 logits = self._prepare(prompt, question_recall)
             acc = TextAccumulator(self.engine.tokenizer, generation.stop, self.token_ids)
@@ -355,6 +373,7 @@ class Session:
                     piece = acc.add(token)
                     if piece:
                         yield piece
+                        hold.resumed()
                     if acc.stopped:
                         break
                 tail = acc.flush()
@@ -675,6 +694,12 @@ class Session:
                 max_local_distance=self._max_local_distance,
                 memory_distance=self.engine.config.memory_distance,
             )
+
+
+def _check_source_id(source_id: object) -> None:
+    if source_id is not None and not isinstance(source_id, str):
+        msg = f"source_id must be a str or None, got {type(source_id).__name__}: {source_id!r}"
+        raise InvalidInputError(msg + (" (pass str(path))" if isinstance(source_id, PathLike) else ""))
 
 
 def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
