@@ -270,7 +270,8 @@ def test_a_chat_stream_closed_from_another_thread_releases_the_chat(make_smol_en
     from emllm.chat_session import ChatSession
 
     chat = ChatSession.of(make_smol_engine().session())
-    stream = chat.stream([{"role": "user", "content": "Tell me a story."}], max_new_tokens=12, ignore_eos=True)
+    story = [{"role": "user", "content": "Tell me a story."}]
+    stream = chat.stream(story, max_new_tokens=12, ignore_eos=True)
     next(stream)
     closer = threading.Thread(target=stream.close)
     closer.start()

@@ -45,3 +45,11 @@ def test_python_examples_in_the_docs_are_valid_python() -> None:
     for page in [*DOCS.glob("*.md"), DOCS.parent / "README.md"]:
         for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)):
             compile(block, f"{page.name}[python block {i}]", "exec")
+
+
+def test_the_architecture_page_lists_every_engine_module() -> None:
+    text = (DOCS / "architecture.md").read_text()
+    engine = Path(__file__).resolve().parent.parent / "core" / "emllm"
+    for module in engine.glob("*.py"):
+        if module.name != "__init__.py":
+            assert f"`{module.name}`" in text, f"docs/architecture.md does not list {module.name}"

@@ -317,30 +317,140 @@ def test_kill_during_a_feed_with_a_ram_budget_leaves_text_tokens_and_events_that
     assert states["part read"] >= 1, states
 
 
-def test_verify_finds_a_half_read_feed_saved_by_format_1(model, tmp_path) -> None:
-    """A state file as the earlier version wrote it mid-feed: the whole input's text, a part of its tokens."""
+def _format1_name(path: str) -> str | None:
+    """The name a format-1 file (before 0.2) gave a tensor now at `path`; None: format 1 had none."""
+    parts = path.split(".")
+    if parts[0] in ("timeline", "ledger", "session"):
+        return parts[1]
+    if parts[0] == "layers":
+        renamed = {"reprs": "r", "lengths": None}.get(parts[2], parts[2])
+        return f"{renamed}.{parts[1]}" if renamed else None
+    return path
+
+
+def _rewrite_as_format1(path, *, state: bool) -> None:
+    """Rewrite a file of the current format the way format 1 wrote it (names, metadata, no event rows in
+    the state, the retrieval counts as tensors, window_k_rot kept)."""
+    header, data = _read_safetensors(path)
+    meta = json.loads(header.pop("__metadata__")["emllm"])
+    values, renamed, blobs = meta["values"], {}, []
+    layer_values = values.get("layers", {})
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        old = _format1_name(name)
+        if old is None or (
+            state and name.startswith("layers.") and name.split(".")[2] in ("k", "v", "reprs")
+        ):
+            continue
+        if state and name == "timeline.events":
+            continue
+        begin, end = entry["data_offsets"]
+        blobs.append((old, entry["dtype"], entry["shape"], data[begin:end]))
+        if name.endswith(".window_k"):
+            blobs.append(
+                (old.replace("window_k", "window_k_rot"), entry["dtype"], entry["shape"], data[begin:end])
+            )
+    if state:
+        for i, layer in layer_values.items():
+            count = struct.pack("<q", layer["corpus_query_count"])
+            blobs.append((f"corpus_query_count.{i}", "I64", [1], count))
+            if layer.get("selection") is not None:
+                selection = struct.pack(f"<{len(layer['selection'])}q", *layer["selection"])
+                blobs.append((f"selection.{i}", "I64", [len(layer["selection"])], selection))
+        since = meta["since"]
+        old_meta = dict(
+            format=1,
+            session_id=meta["session_id"],
+            init_len=values["timeline"]["init_len"],
+            window_start=values["timeline"]["window_start"],
+            events=meta["row"]["events"],
+            token_start=since["computed"],
+            char_start=since["chars"],
+            query_counts=[layer_values[str(i)]["query_count"] for i in range(len(layer_values))],
+            sources=values["ledger"]["sources"],
+            **{
+                k: values["session"][k]
+                for k in ("tokens_computed", "tokens_reused", "max_local_distance", "decode_steps")
+            },
+        )
+    else:
+        old_meta = meta["segment"]
+    offset, new_data = 0, b""
+    for old, dtype, shape, blob in blobs:
+        renamed[old] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        new_data += blob
+    renamed["__metadata__"] = {"emllm": json.dumps(old_meta)}
+    _write_safetensors(path, renamed, new_data)
+
+
+def _as_format1(store_path, session_id: str, extra_text: bytes = b"") -> None:
+    """Turn a saved session into the files format 1 wrote (extra_text: text after the last token, as format
+    1 saved it in the middle of a feed), and the index rows to match."""
+    store = SessionStore(store_path)
+    row, records = store._row(session_id), store._index.segments(session_id)
+    store.close()
+    folder = store_path / "sessions" / row.folder
+    for record in records:
+        _rewrite_as_format1(folder / record.file, state=False)
+    state = folder / row.state_file
+    _rewrite_as_format1(state, state=True)
+    if extra_text:
+        header, data = _read_safetensors(state)
+        end = header["text"]["data_offsets"][1]
+        _shift_after(header, end, len(extra_text), "text")
+        _write_safetensors(state, header, data[:end] + extra_text + data[end:])
+    legacy = folder.with_name(folder.name[: -len("-") - 64] + "-" + folder.name[-64:][:12])
+    folder.rename(legacy)
+    os.rename(legacy / state.name, legacy / f"state-{row.state_file.split('-')[-1]}")
+    db = sqlite3.connect(store_path / "index.sqlite")
+    db.execute(
+        "UPDATE sessions SET folder = ?, state_file = ?, state_checksums = '{}', state_bytes = ?, "
+        "generation = 0",
+        (
+            legacy.name,
+            f"state-{row.state_file.split('-')[-1]}",
+            (legacy / f"state-{row.state_file.split('-')[-1]}").stat().st_size,
+        ),
+    )
+    for record in records:
+        db.execute(
+            "UPDATE segments SET checksums = '{}', bytes = ? WHERE file = ?",
+            ((legacy / record.file).stat().st_size, record.file),
+        )
+    db.commit()
+    db.close()
+
+
+def test_a_session_saved_by_format_1_opens_and_continues_exactly(model, tmp_path) -> None:
+    """Sessions saved before 0.2 (fixed tensor names, no generation, 12-digit folders) still open."""
     engine = open_engine(model, tmp_path)
-    session = engine.session("s")
-    session.feed(prose(400, seed=10, ascii_only=True))
+    session = engine.session("old")
+    session.feed(prose(900, seed=31, ascii_only=True), source_id="doc")
+    session.generate("Q: ", max_new_tokens=4)
     session.save()
-    row = engine.store._row("s")
+    twin = engine.session()
+    twin.load_state_dict(session.state_dict())
+    expected = twin.generate(max_new_tokens=10)
+    ids, events = session.token_ids, [e.text for e in session.events()]
     engine.close()
     engine.store.close()
-    path = tmp_path / "sessions" / row.folder / row.state_file
-    header, data = _read_safetensors(path)
-    meta = json.loads(header["__metadata__"]["emllm"])
-    meta["format"] = 1
-    for key in ("generation", "row", "segments", "tokens", "chars"):
-        meta.pop(key)
-    header["__metadata__"]["emllm"] = json.dumps(meta)
-    extra = b" and the rest of a long input that was never read"
-    old_text = header["text"]["data_offsets"]
-    data = data[: old_text[1]] + extra + data[old_text[1] :]
-    _shift_after(header, old_text[1], len(extra), "text")
-    _write_safetensors(path, header, data)
-    _update_index(
-        tmp_path, "UPDATE sessions SET state_bytes = ?, state_checksums = '{}'", path.stat().st_size
-    )
+    _as_format1(tmp_path, "old")
+    engine = open_engine(model, tmp_path)
+    engine.store.verify("old")
+    reopened = engine.session("old")
+    assert reopened.token_ids == ids and [e.text for e in reopened.events()] == events
+    assert reopened.generate(max_new_tokens=10) == expected
+    reopened.save()  # saved again in the current format
+    engine.close()
+    engine.store.close()
+    assert tokens_of(model, tmp_path, "old")[: len(ids)] == ids
+
+
+def test_verify_finds_a_half_read_feed_saved_by_format_1(model, tmp_path) -> None:
+    """Format 1 saved the whole input's text with only the tokens read so far when it saved in the middle
+    of a feed; verify now says so, where it said every file matches."""
+    save_session(model, tmp_path, "s", prose(400, seed=10, ascii_only=True))
+    _as_format1(tmp_path, "s", extra_text=b" and the rest of a long input that was never read")
     store = SessionStore(tmp_path)
     with pytest.raises(emllm.CorruptSessionError, match="text and tokens disagree"):
         store.verify("s")
@@ -393,7 +503,7 @@ def test_a_header_whose_shape_disagrees_with_its_bytes_is_corrupt(model, tmp_pat
     [10**12] and [-1] gave raw RuntimeErrors."""
     path = _state_path(model, tmp_path)
     header, data = _read_safetensors(path)
-    header["pending"]["shape"] = shape
+    header["session.pending"]["shape"] = shape
     _write_safetensors(path, header, data)
     _update_index(tmp_path, "UPDATE sessions SET state_bytes = ?", path.stat().st_size)
     engine = open_engine(model, tmp_path)
@@ -413,7 +523,7 @@ def test_crafted_events_are_corrupt_not_an_index_error(model, tmp_path) -> None:
     engine.close()
     engine.store.close()
     header, data = _read_safetensors(path)
-    begin, end = header["events"]["data_offsets"]
+    begin, end = header["timeline.events"]["data_offsets"]
     events = torch.frombuffer(bytearray(data[begin:end]), dtype=torch.int64).clone()
     events[1] = 10**9  # the first event now ends far past the session
     data = data[:begin] + events.numpy().tobytes() + data[end:]
@@ -739,22 +849,24 @@ _meta = st.fixed_dictionaries(
     {
         "key": st.sampled_from(
             [
-                "format",
-                "session_id",
-                "init_len",
-                "window_start",
-                "events",
-                "token_start",
-                "char_start",
-                "tokens",
-                "chars",
-                "tokens_computed",
-                "decode_steps",
-                "query_counts",
-                "sources",
-                "generation",
-                "row",
-                "segments",
+                ("format",),
+                ("session_id",),
+                ("generation",),
+                ("since", "computed"),
+                ("since", "chars"),
+                ("row", "tokens"),
+                ("row", "events"),
+                ("segments",),
+                ("values", "mark", "tokens"),
+                ("values", "mark", "events"),
+                ("values", "timeline", "init_len"),
+                ("values", "timeline", "window_start"),
+                ("values", "ledger", "sources"),
+                ("values", "session", "decode_steps"),
+                ("values", "layers", "0", "query_count"),
+                ("values", "layers", "1", "selection"),
+                ("values", "layers"),
+                ("values",),
             ]
         ),
         "value": _json_values | st.integers(-5, 10**7),
@@ -847,7 +959,12 @@ def _mutate_meta(path, folder, case, row) -> None:
     target = path / "sessions" / folder / row.state_file
     header, data = _read_safetensors(target)
     meta = json.loads(header["__metadata__"]["emllm"])
-    meta[case["key"]] = case["value"]
+    *keys, leaf = case["key"]
+    node = meta
+    for key in keys:
+        node = node.setdefault(key, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict):
+        node[leaf] = case["value"]
     header["__metadata__"]["emllm"] = json.dumps(meta)
     _write_safetensors(target, header, data)
     if case["drop_index"]:  # the store must rebuild its index from this file

@@ -1,32 +1,30 @@
-"""Episodic attention: init + retrieved events + local window, each part with its own positions,
-merged by log-sum-exp. Registered in transformers as the attention implementation "emllm".
+"""Episodic attention on torch: init + retrieved events + local window, each part with its own positions,
+merged by log-sum-exp. The CPU path, and the reference the Triton kernels are tested against.
 
 Per layer and chunk of c new tokens (window of W older tokens, relative positions 0..W+c-1):
   global part : queries rotated to `memory_distance`, init and retrieved keys at position 0 (or, with
                 memory_positions="ordered", the G global keys at 0..G-1 and the queries at G+W..G+W+c-1)
   local part  : queries at W..W+c-1 over the window keys at 0..W-1 (no mask)
   chunk part  : the chunk over itself, causal
-Each part returns (output, lse); `merge_partials` combines them exactly as one softmax would. That torch
-path is the CPU path and the reference; `use_triton_kernels` decides when LayerMemory takes the fused
-Triton kernels of `emllm_kernels` instead (one pass over all three parts).
+Each part returns (output, lse); `merge_partials` combines them exactly as one softmax would.
 
-Knows nothing about segmentation or sessions: state arrives through the `emllm_context` forward kwarg.
+`episodic_attention_torch` and `received_mass_torch` take the arguments of the fused kernels in
+`emllm_kernels` and return what they return (event scores use the kernels' own torch reference);
+`attention_path` picks one set or the other once per layer (`EMLLMConfig.kernels`), so a layer has one
+code path whichever runs it.
+Knows nothing about segmentation, sessions or transformers (the hook is in emllm.hook).
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import emllm_kernels
 import torch
-from emllm_kernels import unavailable_reason
+from emllm_kernels import fold_query_groups, unavailable_reason, unfold_query_groups
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .memory import LayerMemory
-
-ATTENTION_NAME = "emllm"
 
 _HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 _backend = "auto"  # "auto" | "reference"; tests force "reference" to compare the paths
@@ -115,19 +113,6 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
     return out.to(parts[0][0].dtype), lse
 
 
-def fold_query_groups(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """(B, Hq, L, D) -> (B, Hkv, G*L, D): query heads sharing a KV head become one longer query (GQA)."""
-    b, hq, length, d = q.shape
-    return q.reshape(b, num_kv_heads, (hq // num_kv_heads) * length, d)
-
-
-def unfold_query_groups(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
-    """Inverse of fold_query_groups for outputs (B,Hkv,G*L,D) and lse (B,Hkv,G*L)."""
-    b, hkv, gl = x.shape[:3]
-    length = gl // (num_q_heads // hkv)
-    return x.reshape(b, num_q_heads, length, *x.shape[3:])
-
-
 def attend_grouped(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal GQA attention without repeating K/V: fold the query groups into the query length."""
     hq, hkv = q.shape[1], k.shape[1]
@@ -168,42 +153,78 @@ def received_attention(
     return torch.cat((window.sum(dim=(0, 1)), chunk.sum(dim=(0, 1))))
 
 
-def episodic_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The function registered with transformers' AttentionInterface (same signature as sdpa's)."""
-    context = kwargs.get("emllm_context")
-    if context is None:
-        msg = "the 'emllm' attention implementation needs an emllm_context; run the model through emllm.EMLLM"
-        raise RuntimeError(msg)
-    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    layer: LayerMemory = context.layers[module.layer_idx]
-    out = layer.attend(query, key, value, scale, context)  # (1,Hq,c,D)
-    return out.transpose(1, 2).contiguous(), None
+def episodic_attention_torch(
+    q_mem: torch.Tensor,
+    q_local: torch.Tensor,
+    k_global: torch.Tensor,
+    v_global: torch.Tensor,
+    k_local: torch.Tensor,
+    v_local: torch.Tensor,
+    scale: float,
+    window_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """emllm_kernels.episodic_attention on torch: q_* (1,Hq,c,D) rotated for the global and local parts,
+    k/v_global (1,Hkv,G,D), k/v_local (1,Hkv,W+c,D) the window then the chunk -> out (1,Hq,c,D), lse."""
+    parts = []
+    if k_global.shape[2]:
+        parts.append(attend_grouped(q_mem, k_global, v_global, scale))
+    if k_local.shape[2] - window_len == 1:  # one query sees every local key: one unmasked part
+        parts.append(attend_grouped(q_local, k_local, v_local, scale))
+    else:
+        if window_len:
+            window = (k_local[:, :, :window_len], v_local[:, :, :window_len])
+            parts.append(attend_grouped(q_local, *window, scale))
+        parts.append(
+            attend_causal_chunk(q_local, k_local[:, :, window_len:], v_local[:, :, window_len:], scale)
+        )
+    return merge_partials(parts)
 
 
-def _no_mask(*args, **kwargs):
-    """Episodic attention builds its own structure; transformers need not build a causal mask."""
-    return None
+def received_mass_torch(
+    q_local: torch.Tensor, k_local: torch.Tensor, lse: torch.Tensor, scale: float, window_len: int
+) -> torch.Tensor:
+    """emllm_kernels.received_mass on torch: -> (1, W+c) attention mass each local key received."""
+    return received_attention(q_local, k_local[:, :, :window_len], k_local[:, :, window_len:], lse, scale)[
+        None
+    ]
 
 
-def register_attention() -> None:
-    """Register "emllm" with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+@dataclass(frozen=True)
+class AttentionPath:
+    """The functions one layer runs: the fused Triton kernels, or the torch path with their signatures."""
 
-    AttentionInterface.register(ATTENTION_NAME, episodic_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+    kernels: bool
+    attention: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    received_mass: Callable[..., torch.Tensor]
+    event_scores: Callable[..., torch.Tensor]
+
+
+TORCH_PATH = AttentionPath(
+    False, episodic_attention_torch, received_mass_torch, emllm_kernels.event_scores_reference
+)
+KERNEL_PATH = AttentionPath(
+    True, emllm_kernels.episodic_attention, emllm_kernels.received_mass, emllm_kernels.event_scores
+)
+
+
+def attention_path(choice: str, device: torch.device | str, head_dim: int) -> AttentionPath:
+    """The path EMLLMConfig.kernels asks for, for one layer's tensors (see use_triton_kernels)."""
+    return KERNEL_PATH if use_triton_kernels(choice, device, head_dim) else TORCH_PATH
 
 
 __all__ = [
-    "ATTENTION_NAME",
+    "KERNEL_PATH",
+    "TORCH_PATH",
+    "AttentionPath",
     "attend",
     "attend_causal_chunk",
     "attend_grouped",
     "attend_reference",
-    "episodic_attention",
+    "attention_path",
+    "episodic_attention_torch",
     "merge_partials",
     "received_attention",
-    "register_attention",
+    "received_mass_torch",
     "set_attention_backend",
     "use_triton_kernels",
 ]

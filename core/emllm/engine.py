@@ -13,10 +13,10 @@ import uuid
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .attention import ATTENTION_NAME, register_attention
 from .config import EMLLMConfig
 from .errors import SessionNotFoundError
 from .fingerprint import model_fingerprint
+from .hook import ATTENTION_NAME, register_attention
 from .memory import ChunkContext
 from .models import DEFAULT_MODEL, check_supported, load_model
 from .positions import RotaryTable, find_rotary_embedding

@@ -21,6 +21,7 @@ from .segmentation import (
     refine_boundaries,
     surprise_boundaries,
 )
+from .state import Mark, Piece, State, expect, is_count, materialize, vector
 
 
 class _Column:
@@ -149,29 +150,75 @@ class Timeline:
             last_len = n_tokens - self._events[-1][0]
         return kept, last_len
 
-    def rewind(
-        self,
-        init_len: int,
-        events: int,
-        window_start: int,
-        window_ids: list[int],
-        window_surprise: torch.Tensor,
-        window_boundary: torch.Tensor,
-    ) -> None:
-        """Back to an earlier state whose first `events` events and tokens before window_start this
-        timeline still holds: the window's token records are put back from a copy."""
-        del self.token_ids[window_start:]
-        self.token_ids.extend(window_ids)
-        for column, values in ((self._surprise, window_surprise), (self._boundary, window_boundary)):
-            column.truncate(window_start)
-            column.extend(values)
-        del self._events[events:]
-        self._events_changed_from(events)
-        self.init_len, self.window_start = init_len, window_start
-
     def add_events(self, spans: list[tuple[int, int]]) -> None:
         """Append events (absolute [start, stop), after every stored one)."""
         self._events.extend(spans)
+
+    # -- state ------------------------------------------------------------------------------------
+    def rows(self, start: Mark, stop: Mark) -> State:
+        """Token records of computed tokens [start, stop) and the spans of events [start, stop)."""
+        events = self._events[start.events : stop.events]
+        return {
+            "token_ids": torch.tensor(self.token_ids[start.computed : stop.computed], dtype=torch.int64),
+            "surprise": self.surprise[start.computed : stop.computed].clone(),
+            "boundary": self.boundary[start.computed : stop.computed].clone(),
+            "events": torch.tensor(events, dtype=torch.int64).reshape(-1, 2),
+        }
+
+    def state_dict(self, since: Mark, until: Mark) -> State:
+        return {**self.rows(since, until), "init_len": self.init_len, "window_start": self.window_start}
+
+    def load_rows(self, pieces: list[Piece]) -> None:
+        """Replace every record with the rows of saved segments (in order)."""
+        self._cut(Mark())
+        for rows, start, stop in pieces:
+            self._append_rows(rows, stop.computed - start.computed, stop.events - start.events)
+
+    def load_state_dict(self, state: State, since: Mark) -> None:
+        """Back to `state`, keeping the records before `since`; checks that the records agree."""
+        self._cut(since)
+        self._append_rows(state, None, None)
+        init_len, window_start = state.get("init_len"), state.get("window_start")
+        expect(is_count(init_len) and is_count(window_start), "timeline: init_len / window_start")
+        expect(init_len <= window_start <= self.num_tokens, "timeline: init block or window out of range")
+        self.init_len, self.window_start = init_len, window_start
+        # init block, then events back to back, then the window (the events before `since` were checked)
+        edge = self._events[since.events - 1][1] if since.events else init_len
+        for start, stop in self._events[since.events :]:
+            expect(start == edge and stop > start, f"event ({start}, {stop}) does not follow {edge}")
+            edge = stop
+        expect(edge == window_start, f"the window starts at {window_start}, not {edge}")
+
+    def _cut(self, mark: Mark) -> None:
+        del self.token_ids[mark.computed :]
+        self._surprise.truncate(mark.computed)
+        self._boundary.truncate(mark.computed)
+        del self._events[mark.events :]
+        self._events_changed_from(mark.events)
+
+    def _append_rows(self, rows: State, tokens: int | None, events: int | None) -> None:
+        ids = vector(rows["token_ids"], "token_ids", dtype=torch.int64)
+        surprise = vector(rows["surprise"], "surprise", ids.shape[0], dtype=torch.float32)
+        boundary = vector(rows["boundary"], "boundary", ids.shape[0], dtype=torch.bool)
+        spans = materialize(rows["events"])
+        expect(
+            isinstance(spans, torch.Tensor) and spans.dim() == 2 and spans.shape[1] == 2, "events not (n, 2)"
+        )
+        if tokens is not None:  # a segment file may hold more than its record keeps
+            expect(
+                ids.shape[0] >= tokens and spans.shape[0] >= events,
+                "a segment holds fewer rows than its record",
+            )
+            ids, surprise, boundary, spans = (
+                ids[:tokens],
+                surprise[:tokens],
+                boundary[:tokens],
+                spans[:events],
+            )
+        self.token_ids.extend(ids.tolist())
+        self._surprise.extend(surprise)
+        self._boundary.extend(boundary)
+        self._events.extend((int(a), int(b)) for a, b in spans.to(torch.int64).tolist())
 
     def reopen_window(self, n_local: int) -> tuple[int, int]:
         """After a cut: move the last events back into the window while it holds at most n_local tokens,

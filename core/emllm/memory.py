@@ -9,23 +9,18 @@ Knows nothing about tokens, text or segmentation.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-from emllm_kernels import episodic_attention, event_scores, received_mass
 
-from .attention import (
-    attend_causal_chunk,
-    attend_grouped,
-    merge_partials,
-    received_attention,
-    use_triton_kernels,
-)
+from .attention import attention_path
 from .config import EMLLMConfig
 from .positions import RotaryTable
-from .retrieval import group_query_for_scoring, relevance_scores, select_events
-from .tiers import EventList
+from .retrieval import relevance_scores, select_events
+from .state import Mark, Piece, State, expect, is_count, materialize, vector
+from .tiers import DiskRun, EventList
 
 
 @dataclass
@@ -43,28 +38,6 @@ class ChunkContext:
     max_local_distance: int = 0
 
 
-@dataclass(frozen=True)
-class LayerCheckpoint:
-    """What of a LayerMemory changes as tokens are read, copied where the layer writes in place (the
-    window); init and query sums are replaced, never written into, so they are kept by reference."""
-
-    events: int
-    init_k: torch.Tensor
-    init_v: torch.Tensor
-    window_k: torch.Tensor  # raw keys; the rotated copy is recomputed on rewind
-    window_v: torch.Tensor
-    mass: torch.Tensor
-    query_sum: torch.Tensor | None
-    query_count: int
-    corpus_query_sum: torch.Tensor | None
-    corpus_query_count: int
-    selection: tuple[int, ...] | None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(_nbytes(t) for t in (self.window_k, self.window_v, self.mass))
-
-
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -80,8 +53,10 @@ class LayerMemory:
         config: EMLLMConfig,
         device: torch.device,
         dtype: torch.dtype,
+        rotary: RotaryTable,
     ):
         self.layer_idx = layer_idx
+        self.rotary = rotary
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -109,7 +84,7 @@ class LayerMemory:
         self.corpus_query_sum: torch.Tensor | None = None
         self.corpus_query_count = 0
         self._global: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.use_kernels = use_triton_kernels(config.kernels, device, head_dim)  # resolved once, fails early
+        self.path = attention_path(config.kernels, device, head_dim)  # chosen once, fails early
 
     @property
     def reprs(self) -> torch.Tensor:
@@ -144,48 +119,30 @@ class LayerMemory:
         self._track_query(q, ctx)
         global_kv = self._global_kv(q, ctx)
         ctx.max_local_distance = max(ctx.max_local_distance, window + q.shape[2] - 1)
-        if self.use_kernels:
-            return self._attend_fused(q, q_local, k, k_local, v, scale, ctx, global_kv, single)
-        parts = []
-        if global_kv is not None:
-            q_mem = self._memory_queries(q, window, global_kv[0].shape[2], ctx)
-            parts.append(attend_grouped(q_mem, *global_kv, scale))
-        local = self.length
-        if local:
-            parts.append(attend_grouped(q_local, self.k_rot[:, :, :local], self.v[:, :, :local], scale))
-        if not single:
-            parts.append(attend_causal_chunk(q_local, k_local, v, scale))
-        out, lse = merge_partials(parts)
-        if single:
-            window_keys = self.k_rot[:, :, :local]  # the new token already sits in the window
-            self.mass[:local] += received_attention(q_local, window_keys, k_local[:, :, :0], lse, scale)
-        elif not ctx.probe:
-            mass = received_attention(q_local, self.k_rot[:, :, :window], k_local, lse, scale)
-            self._append(k, k_local, v, mass)
-        return out
-
-    def _attend_fused(self, q, q_local, k, k_local, v, scale, ctx, global_kv, single) -> torch.Tensor:
-        """attend() on the Triton kernels: one pass over global + window + chunk keys, then the mass."""
         if single:  # the new token already sits at the end of the window
             window = self.length - 1
             keys, values = self.k_rot[:, :, : self.length], self.v[:, :, : self.length]
         else:
-            window = self.length
             keys = torch.cat((self.k_rot[:, :, :window], k_local), dim=2)
             values = torch.cat((self.v[:, :, :window], v), dim=2)
         if global_kv is None:
             q_mem, global_kv = q_local, (keys[:, :, :0], values[:, :, :0])
         else:
             q_mem = self._memory_queries(q, window, global_kv[0].shape[2], ctx)
-        out, lse = episodic_attention(q_mem, q_local, *global_kv, keys, values, scale, window)
+        out, lse = self.path.attention(q_mem, q_local, *global_kv, keys, values, scale, window)
         if ctx.probe:
             return out
-        mass = received_mass(q_local, keys, lse, scale, window)[0]
+        mass = self.path.received_mass(q_local, keys, lse, scale, window)[0]
         if single:
             self.mass[: self.length] += mass
         else:
             self._append(k, k_local, v, mass)
         return out
+
+    @property
+    def use_kernels(self) -> bool:
+        """Whether this layer runs the fused Triton kernels (else the torch path)."""
+        return self.path.kernels
 
     @staticmethod
     def _memory_queries(q: torch.Tensor, window: int, num_global: int, ctx: ChunkContext) -> torch.Tensor:
@@ -209,10 +166,8 @@ class LayerMemory:
         q_mem_mean = ctx.rotary.rotate_at(query, ctx.config.memory_distance)
         if ctx.probe:
             scores = relevance_scores(self.reprs, q_mem_mean, self.init_k.shape[1])
-        elif self.use_kernels:
-            scores = event_scores(self.reprs, q_mem_mean[0], self.init_k.shape[1])  # (E,)
         else:
-            scores = self.reprs @ group_query_for_scoring(q_mem_mean, self.init_k.shape[1])  # (E,)
+            scores = self.path.event_scores(self.reprs, q_mem_mean[0], self.init_k.shape[1])  # (E,)
         config, recall = self.config, () if ctx.probe else ctx.recall
         chosen = select_events(scores, ctx.event_sizes, config.n_mem, config.contiguity_ratio, recall)
         if ctx.probe:
@@ -381,34 +336,130 @@ class LayerMemory:
         if init_tokens:
             self.truncate_init(0)
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def checkpoint(self) -> LayerCheckpoint:
-        n = self.length
-        return LayerCheckpoint(
-            len(self.events_k),
-            self.init_k,
-            self.init_v,
-            self.k_raw[:, :, :n].clone(),
-            self.v[:, :, :n].clone(),
-            self.mass[:n].clone(),
-            self._query_sum,
-            self._query_count,
-            self.corpus_query_sum,
-            self.corpus_query_count,
-            self._selection,
-        )
+    # -- state ----------------------------------------------------------------------------------
+    def rows(self, start: Mark, stop: Mark) -> State:
+        """Events [start, stop): keys and values concatenated along tokens, their lengths, representatives."""
+        first, last = start.events, stop.events
+        empty = self.init_k.new_empty((1, self.init_k.shape[1], 0, self.init_k.shape[3]), device="cpu")
+        keys = [self.events_k[e] for e in range(first, last)]
+        values = [self.events_v[e] for e in range(first, last)]
+        return {
+            "k": torch.cat(keys, 2) if keys else empty.to(self.offload_dtype),
+            "v": torch.cat(values, 2) if values else empty.to(self.offload_dtype),
+            "lengths": torch.tensor([k.shape[2] for k in keys], dtype=torch.int64),
+            "reprs": self.reprs[first:last].float().cpu(),
+        }
 
-    def rewind(self, checkpoint: LayerCheckpoint, rotary: RotaryTable) -> None:
-        """Back to `checkpoint`; the events it held must be unchanged (the session checks)."""
-        self.truncate_events(checkpoint.events, None)
-        self.init_k, self.init_v = checkpoint.init_k, checkpoint.init_v
+    def state_dict(self, since: Mark, until: Mark, *, copy: bool = True) -> State:
+        """Rows [since, until) and what moves: init block, window (copied with `copy`: it is written in
+        place), retrieval state. The rotated window keys are not kept: they are the raw ones rotated."""
+        n = self.length
+        window = (self.k_raw[:, :, :n], self.v[:, :, :n], self.mass[:n])
+        if copy:
+            window = tuple(t.clone() for t in window)
+        state = {
+            **self.rows(since, until),
+            "init_k": self.init_k,  # replaced, never written into: shared
+            "init_v": self.init_v,
+            "window_k": window[0],
+            "window_v": window[1],
+            "mass": window[2],
+            "query_count": self._query_count,
+            "corpus_query_count": self.corpus_query_count,
+            "selection": list(self._selection) if self._selection is not None else None,
+        }
+        if self._query_sum is not None:
+            state["query_sum"] = self._query_sum
+        if self.corpus_query_sum is not None:
+            state["corpus_query_sum"] = self.corpus_query_sum
+        return state
+
+    def load_rows(self, pieces: list[Piece]) -> None:
+        """Serve the events of saved segments (in order) from disk, and read their representatives."""
+        self.truncate_events(0, None)
+        self.serve_from_disk(pieces)
+        reprs = [self._piece_reprs(rows, stop.events - start.events) for rows, start, stop in pieces]
+        self.load_reprs(torch.cat(reprs) if reprs else None)
+
+    def serve_from_disk(self, pieces: list[Piece]) -> None:
+        """Events of these saved segments (consecutive from event 0) are read from disk from now on; RAM
+        copies of them are dropped, later events stay as they are."""
+        runs_k, runs_v, first = [], [], 0
+        for rows, start, stop in pieces:
+            count = stop.events - start.events
+            lengths = vector(rows["lengths"], "lengths", dtype=torch.int64)
+            expect(lengths.shape[0] >= count and bool((lengths[:count] > 0).all()), "bad event lengths")
+            offsets = [0, *itertools.accumulate(lengths[:count].tolist())]
+            for name, runs in (("k", runs_k), ("v", runs_v)):
+                self._check_shape(rows[name], name, (1, self.init_k.shape[1], None, self.init_k.shape[3]))
+                expect(rows[name].shape[2] >= offsets[-1], f"{name} holds fewer tokens than its events")
+                runs.append(DiskRun(first, offsets, rows[name]))
+            first += count
+        self.events_k.set_disk(runs_k)
+        self.events_v.set_disk(runs_v)
+
+    def _piece_reprs(self, rows: State, count: int) -> torch.Tensor:
+        self._check_shape(rows["reprs"], "reprs", (None, self.init_k.shape[1] * self.init_k.shape[3]))
+        reprs = materialize(rows["reprs"])
+        expect(reprs.shape[0] >= count, "fewer representatives than events")
+        return reprs[:count]
+
+    def load_state_dict(self, state: State, since: Mark) -> None:
+        """Back to `state`, keeping the events before `since`; shapes are checked against this layer."""
+        self.truncate_events(since.events, None)
+        count = vector(state["lengths"], "lengths").shape[0]
+        if count:  # events after `since` held in the state itself (not what saves and checkpoints write)
+            keys, values = materialize(state["k"]), materialize(state["v"])
+            lengths = materialize(state["lengths"]).tolist()
+            expect(keys.shape[2] == values.shape[2] == sum(lengths), "event keys and lengths disagree")
+            reprs = torch.cat((self.reprs, self._piece_reprs(state, count).to(self.device)))
+            for k, v in zip(keys.split(lengths, 2), values.split(lengths, 2), strict=True):
+                self.events_k.append(k.to("cpu", self.offload_dtype).contiguous())
+                self.events_v.append(v.to("cpu", self.offload_dtype).contiguous())
+            self.load_reprs(reprs)
+        heads, dim = self.init_k.shape[1], self.init_k.shape[3]
+        for name in ("init_k", "init_v", "window_k", "window_v"):
+            self._check_shape(state[name], name, (1, heads, None, dim))
+        init_k, init_v = materialize(state["init_k"]), materialize(state["init_v"])
+        window_k, window_v = materialize(state["window_k"]), materialize(state["window_v"])
+        n = window_k.shape[2]
+        expect(init_v.shape[2] == init_k.shape[2] and window_v.shape[2] == n, "keys and values disagree")
+        mass = vector(state["mass"], "mass", n, dtype=torch.float32)
+        self.init_k, self.init_v = init_k.to(self.device, self.dtype), init_v.to(self.device, self.dtype)
         self.truncate_window(0)
-        window = checkpoint.window_k
-        self._append(window, rotary.rotate(window, 0), checkpoint.window_v, checkpoint.mass)
-        self._query_sum, self._query_count = checkpoint.query_sum, checkpoint.query_count
-        self.corpus_query_sum = checkpoint.corpus_query_sum
-        self.corpus_query_count = checkpoint.corpus_query_count
-        self._selection, self._global = checkpoint.selection, None
+        window_k = window_k.to(self.device, self.dtype)
+        self._append(window_k, self.rotary.rotate(window_k, 0), window_v.to(self.device, self.dtype))
+        self.mass[:n] = mass.to(self.device)
+        self._load_retrieval_state(state)
+
+    def _load_retrieval_state(self, state: State) -> None:
+        counts = (state.get("query_count"), state.get("corpus_query_count"))
+        expect(all(is_count(c) for c in counts), "query counts")
+        for name in ("query_sum", "corpus_query_sum"):
+            if name in state:
+                self._check_shape(state[name], name, (1, None, self.init_k.shape[3]))
+        query_sum, corpus_sum = state.get("query_sum"), state.get("corpus_query_sum")
+        self._query_sum = materialize(query_sum).to(self.device).float() if query_sum is not None else None
+        self.corpus_query_sum = (
+            materialize(corpus_sum).to(self.device).float() if corpus_sum is not None else None
+        )
+        self._query_count, self.corpus_query_count = counts
+        selection = state.get("selection")
+        if selection is not None:
+            events = len(self.events_k)
+            expect(
+                isinstance(selection, list) and all(is_count(e) and e < events for e in selection),
+                "selection",
+            )
+            selection = tuple(selection)
+        self._selection, self._global = selection, None  # read back when first needed
+
+    @staticmethod
+    def _check_shape(value, name: str, shape: tuple) -> None:
+        """A tensor (or reference) of this shape (None: any size); state from files is untrusted."""
+        held = tuple(getattr(value, "shape", ()))
+        fits = len(held) == len(shape) and all(w is None or w == g for w, g in zip(shape, held, strict=True))
+        expect(fits, f"{name} has shape {list(held)}, this layer needs {list(shape)}")
 
     # -- accounting -----------------------------------------------------------------------------
     def device_bytes(self) -> int:
@@ -430,4 +481,4 @@ class LayerMemory:
         return self.events_k.disk_bytes() + self.events_v.disk_bytes()
 
 
-__all__ = ["ChunkContext", "LayerCheckpoint", "LayerMemory"]
+__all__ = ["ChunkContext", "LayerMemory"]

@@ -1,35 +1,63 @@
 """Session: one episodic memory over a token stream — feed text, generate, retrieve, inspect, truncate.
 
-A session owns its per-layer memories and its timeline; the engine lends it the model. Generated tokens
-join the session: the last one is computed lazily, at the start of the next call. Every public method
-holds the session's lock, so threads sharing a session queue up.
+A session is made of parts, each the only owner of its state: the timeline (tokens, surprise, events),
+the text ledger (text, spans, sources), one LayerMemory per layer (keys and values), and a few fields of
+its own (pending tokens, the last logits, counters). The engine lends it the model. Generated tokens join
+the session: the last one is computed lazily, at the start of the next call. Every public method holds
+the session's lock, so threads sharing a session queue up. `state_dict` / `load_state_dict` (see
+emllm.state) carry the parts' states for checkpoints and for the store.
 """
 
 from __future__ import annotations
 
-import bisect
 import weakref
-from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from os import PathLike
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import SessionCheckpoint
+from .config import EMLLMConfig
 from .episodes import Timeline, evict
 from .errors import EmptyInputError, InvalidInputError, StaleCheckpointError, StoreError
 from .generation import GenerationConfig, TextAccumulator, choose_token
+from .ledger import TextLedger
 from .memory import ChunkContext, LayerMemory
+from .positions import RotaryTable
 from .segmentation import token_surprise
 from .session_lock import SessionLock
 from .snapshot import SavedState
+from .state import Mark, Piece, State, check_counts, expect, is_count, vector
 
-if TYPE_CHECKING:
-    from .engine import EMLLM
+
+class ModelHost(Protocol):
+    """What a session uses of the engine that holds it (emllm.EMLLM): the engine creates sessions, so a
+    session knows it only by this shape."""
+
+    name: str
+    config: EMLLMConfig
+    tokenizer: Any
+    model: Any
+    rotary: RotaryTable
+    store: Any  # a SessionStore or None
+    device: torch.device
+    dtype: torch.dtype
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    eos_token_ids: set[int]
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def run_model(self, token_ids: list[int], context: ChunkContext, all_logits: bool) -> torch.Tensor: ...
+
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
@@ -90,11 +118,11 @@ class SessionStats:
 class Session:
     """An episodic memory over one token stream. Create it with `EMLLM.session(id)`."""
 
-    def __init__(self, engine: EMLLM, session_id: str):
+    def __init__(self, engine: ModelHost, session_id: str):
         self.engine = engine
         self.id = session_id
         self._lock = SessionLock()  # a stream holds it across its yields, released from any thread
-        self._saved: SavedState | None = None  # set when a SessionStore holds this session
+        self._saved: SavedState | None = None  # what of it is on disk: set by the store that holds it
         self._checkpoints: weakref.WeakSet[SessionCheckpoint] = weakref.WeakSet()  # the ones still valid
         self.reset()
 
@@ -104,21 +132,22 @@ class Session:
         with self._lock:
             self.layers = [
                 LayerMemory(
-                    i, engine.num_kv_heads, engine.head_dim, engine.config, engine.device, engine.dtype
+                    i,
+                    engine.num_kv_heads,
+                    engine.head_dim,
+                    engine.config,
+                    engine.device,
+                    engine.dtype,
+                    engine.rotary,
                 )
                 for i in range(engine.num_layers)
             ]
             self.timeline = Timeline()
+            self.ledger = TextLedger()
             self._pending: list[int] = []
             self._last_logprobs: torch.Tensor | None = None
             self._recall: tuple[int, ...] = ()  # events every layer attends first, during one call
             self._event_sizes = torch.empty(0, dtype=torch.long)
-            self._text_parts: list[str] = []
-            self._char_len = 0
-            # per-token char spans as packed int64 (8 bytes a value, not a Python int each: 1M tokens)
-            self._char_start = array("q")
-            self._char_end = array("q")
-            self._sources: list[tuple[int, str | None]] = []
             self._tokens_computed = 0
             self._tokens_reused = 0
             self._max_local_distance = 0
@@ -136,9 +165,16 @@ class Session:
     @property
     def text(self) -> str:
         """The session's text: everything fed and generated."""
-        if len(self._text_parts) > 1:
-            self._text_parts = ["".join(self._text_parts)]
-        return self._text_parts[0] if self._text_parts else ""
+        return self.ledger.text
+
+    @property
+    def saved(self) -> SavedState | None:
+        """What of this session is on disk (None without a store); kept by the store that holds it."""
+        return self._saved
+
+    @saved.setter
+    def saved(self, saved: SavedState | None) -> None:
+        self._saved = saved
 
     def feed(
         self, data: str | Sequence[int], source_id: str | None = None, *, progress: bool | None = None
@@ -195,7 +231,7 @@ class Session:
             text, offsets = self._text_with_offsets(ids)
         if not ids:
             raise EmptyInputError("the text produced no tokens")
-        self._record_text(len(self.token_ids), text, offsets, source_id)
+        self.ledger.record(len(self.token_ids), text, offsets, source_id)
         return ids
 
     def _check_vocab(self, ids: list[int]) -> None:
@@ -220,15 +256,6 @@ class Session:
             offsets.append((pos, min(pos + piece, len(text))))
             pos = min(pos + piece, len(text))
         return text, offsets
-
-    def _record_text(self, first_token: int, text: str, offsets, source_id: str | None) -> None:
-        base = self._char_len
-        self._text_parts.append(text)
-        self._char_len += len(text)
-        self._char_start.extend(base + a for a, _ in offsets)
-        self._char_end.extend(base + b for _, b in offsets)
-        if not self._sources or self._sources[-1][1] != source_id:
-            self._sources.append((first_token, source_id))
 
     @contextmanager
     def _rollback_on_error(self):
@@ -381,7 +408,7 @@ class Session:
                     yield tail
             finally:
                 text, offsets = self._text_with_offsets(new_ids) if new_ids else ("", [])
-                self._record_text(len(self.token_ids) - len(new_ids), text, offsets, None)
+                self.ledger.record(len(self.token_ids) - len(new_ids), text, offsets, None)
 
     @contextmanager
     def _recalling(self, recall: Sequence[int]):
@@ -507,8 +534,7 @@ class Session:
 
     def event_span(self, event_id: int) -> tuple[int, int]:
         """(char_start, char_end) of one event in `text`."""
-        start, stop = self.timeline.events[event_id]
-        return self._char_start[start], self._char_end[stop - 1]
+        return self.ledger.span(*self.timeline.events[event_id])
 
     def _span_fields(self, event_id: int) -> dict:
         start, stop = self.timeline.events[event_id]
@@ -519,14 +545,9 @@ class Session:
             token_end=stop,
             char_start=char_start,
             char_end=char_end,
-            source_id=self._source_of(start),
+            source_id=self.ledger.source_of(start),
             text=self.text[char_start:char_end],
         )
-
-    def _source_of(self, token: int) -> str | None:
-        starts = [s for s, _ in self._sources]
-        i = bisect.bisect_right(starts, token) - 1
-        return self._sources[i][1] if i >= 0 else None
 
     def truncate(self, n_tokens: int) -> None:
         """Cut the session back to its first n_tokens (for a history that diverged).
@@ -565,7 +586,7 @@ class Session:
         self._event_sizes = self.timeline.event_sizes()
         self._last_logprobs = None
         events = len(self.timeline.events)
-        self._drop_checkpoints(lambda cp: cp.window_start > n_tokens or cp.events > events)
+        self._drop_checkpoints(lambda cp: cp.window_start > n_tokens or cp.mark.events > events)
 
     def _refill_window(self) -> None:
         """A cut behind the window emptied it: the last events that fit in n_local go back into it."""
@@ -578,14 +599,10 @@ class Session:
             self._saved.invalidate_after(n_tokens=self.timeline.window_start)
 
     def _truncate_text(self, n_tokens: int) -> None:
-        chars = self._char_end[n_tokens - 1] if n_tokens else 0
-        del self._char_start[n_tokens:], self._char_end[n_tokens:]
-        text = self.text[:chars]
-        self._text_parts, self._char_len = [text], len(text)
+        chars = self.ledger.truncate(n_tokens)
         if self._saved is not None:
             self._saved.invalidate_after(n_chars=chars)
-        self._sources = [(s, src) for s, src in self._sources if s < n_tokens]
-        self._drop_checkpoints(lambda cp: cp.tokens > n_tokens)
+        self._drop_checkpoints(lambda cp: cp.mark.tokens > n_tokens)
 
     def _drop_checkpoints(self, stale: Callable[[SessionCheckpoint], bool]) -> None:
         for checkpoint in [cp for cp in self._checkpoints if stale(cp)]:
@@ -595,26 +612,15 @@ class Session:
     def checkpoint(self) -> SessionCheckpoint:
         """The session's state now, to return to exactly with `rewind`.
 
-        It copies each layer's local window (n_local tokens of keys and values, `.nbytes`); events are
-        shared, not copied. A cut that removes tokens it holds makes it stale.
+        It is `state_dict(since=window start)`: what changes in place is copied (each layer's local
+        window, n_local tokens of keys and values: `.nbytes`) with the window's rows (a cut to exactly
+        the checkpoint's length recomputes its last token); the rows before it are shared. A cut that
+        removes tokens it holds makes it stale.
         """
         with self._lock:
-            timeline = self.timeline
-            start, computed = timeline.window_start, timeline.num_tokens
-            checkpoint = SessionCheckpoint(
-                session_id=self.id,
-                tokens=len(self.token_ids),
-                init_len=timeline.init_len,
-                events=len(timeline.events),
-                window_start=start,
-                window_ids=timeline.token_ids[start:computed],
-                window_surprise=timeline.surprise[start:computed].clone(),
-                window_boundary=timeline.boundary[start:computed].clone(),
-                pending=list(self._pending),
-                last_logprobs=_copy(self._last_logprobs),  # a logits_processor may write into it
-                decode_steps=self._decode_steps,
-                layers=[layer.checkpoint() for layer in self.layers],
-            )
+            mark, start = self.mark(), self.timeline.window_start
+            since = Mark(start, start, mark.events, self.ledger.text_end(start))
+            checkpoint = SessionCheckpoint(self.id, since, mark, self.state_dict(since, mark))
             self._checkpoints.add(checkpoint)
             return checkpoint
 
@@ -632,24 +638,134 @@ class Session:
                     f"{checkpoint.session_id!r}): a cut since then removed tokens it holds, or it is "
                     "another session's"
                 )
-            self._truncate_text(checkpoint.tokens)
-            timeline, start = self.timeline, checkpoint.window_start
-            timeline.rewind(
-                checkpoint.init_len,
-                checkpoint.events,
-                start,
-                checkpoint.window_ids,
-                checkpoint.window_surprise,
-                checkpoint.window_boundary,
-            )
-            for layer, layer_checkpoint in zip(self.layers, checkpoint.layers, strict=True):
-                layer.rewind(layer_checkpoint, self.engine.rotary)
-            self._pending = list(checkpoint.pending)
-            self._last_logprobs = _copy(checkpoint.last_logprobs)
-            self._decode_steps = checkpoint.decode_steps
-            self._event_sizes = timeline.event_sizes()
+            self.load_state_dict(checkpoint.state, checkpoint.since, counters=False)
+            self._drop_checkpoints(lambda cp: cp.mark.tokens > checkpoint.mark.tokens)
             if self._saved is not None:
-                self._saved.invalidate_after(n_tokens=start)
+                self._saved.invalidate_after(n_tokens=checkpoint.window_start, n_chars=checkpoint.mark.chars)
+
+    # -- state --------------------------------------------------------------------------------------
+    def mark(self) -> Mark:
+        """How far the session's rows reach now. In the middle of a `feed` (a save for the RAM budget) the
+        ledger already holds the whole input's text and spans, but only part of it was read: the mark
+        stops at the tokens read and their text, so what a save holds always agrees with itself."""
+        tokens = len(self.token_ids)
+        events = len(self.timeline.events)
+        return Mark(self.timeline.num_tokens, tokens, events, self.ledger.text_end(tokens))
+
+    def event_mark(self, events: int, floor: Mark) -> Mark:
+        """The mark right after the first `events` events (a saved segment ends there)."""
+        end = self.timeline.events[events - 1][1] if events else 0
+        return Mark(end, end, events, self.ledger.text_end(end, floor.chars))
+
+    def rows(self, start: Mark, stop: Mark) -> State:
+        """Every part's rows between two marks (a saved segment)."""
+        with self._lock:
+            return {
+                "timeline": self.timeline.rows(start, stop),
+                "ledger": self.ledger.rows(start, stop),
+                "layers": {str(i): layer.rows(start, stop) for i, layer in enumerate(self.layers)},
+            }
+
+    def state_dict(self, since: Mark | None = None, until: Mark | None = None, *, copy: bool = True) -> State:
+        """The session's state: each part's, with its rows from `since` (default: all) to `until` (default:
+        now). With copy=False, what changes in place is not copied (the store writes it at once)."""
+        with self._lock:
+            since, until = since or Mark(), until or self.mark()
+            return {
+                "mark": until.as_dict(),
+                "session": self._own_state(),
+                "timeline": self.timeline.state_dict(since, until),
+                "ledger": self.ledger.state_dict(since, until),
+                "layers": {
+                    str(i): layer.state_dict(since, until, copy=copy) for i, layer in enumerate(self.layers)
+                },
+            }
+
+    def _own_state(self) -> State:
+        state = {
+            "pending": torch.tensor(self._pending, dtype=torch.int64),
+            "decode_steps": self._decode_steps,
+            "tokens_computed": self._tokens_computed,
+            "tokens_reused": self._tokens_reused,
+            "max_local_distance": self._max_local_distance,
+        }
+        if self._last_logprobs is not None:
+            state["last_logprobs"] = self._last_logprobs.clone()  # a logits_processor may write into it
+        return state
+
+    def load_rows(self, pieces: list[Piece]) -> None:
+        """Put back the rows of saved segments (in order from the first), replacing every row held; the
+        keys and values of their events stay on disk, read when retrieved."""
+        with self._lock:
+            self.timeline.load_rows([(rows["timeline"], a, b) for rows, a, b in pieces])
+            self._check_vocabulary(self.timeline.token_ids)
+            self.ledger.load_rows([(rows["ledger"], a, b) for rows, a, b in pieces])
+            for i, layer in enumerate(self.layers):
+                layer_pieces = [(_layer_state(rows, i), a, b) for rows, a, b in pieces]
+                self._check_event_lengths(layer_pieces)
+                layer.load_rows(layer_pieces)
+
+    def serve_from_disk(self, pieces: list[Piece]) -> None:
+        """After a save: the events of these saved segments are read from disk (RAM copies dropped)."""
+        for i, layer in enumerate(self.layers):
+            layer.serve_from_disk([(_layer_state(rows, i), a, b) for rows, a, b in pieces])
+
+    def _check_vocabulary(self, ids: list[int]) -> None:
+        vocab = self.engine.model.get_input_embeddings().num_embeddings
+        expect(not ids or 0 <= min(ids) <= max(ids) < vocab, "token ids outside the model's vocabulary")
+
+    def _check_event_lengths(self, pieces: list[Piece]) -> None:
+        sizes = self.timeline.event_sizes()
+        for rows, start, stop in pieces:
+            lengths = vector(rows["lengths"], "lengths", dtype=torch.long)[: stop.events - start.events]
+            expect(
+                torch.equal(lengths, sizes[start.events : stop.events]), "event lengths disagree with spans"
+            )
+
+    def load_state_dict(self, state: State, since: Mark | None = None, *, counters: bool = True) -> None:
+        """Return to `state` (from state_dict), keeping the rows held before `since` (a checkpoint's, or
+        those load_rows put back). State that disagrees with itself raises ValueError (after which the
+        session must be reset); counters=False keeps this session's counters (a rewind)."""
+        with self._lock:
+            since = since or Mark()
+            mark = Mark.from_dict(state.get("mark"))
+            layers = state.get("layers")
+            expect(
+                isinstance(layers, dict)
+                and sorted(layers) == sorted(str(i) for i in range(len(self.layers))),
+                f"per-layer state that does not fit this model's {len(self.layers)} layers",
+            )
+            self.timeline.load_state_dict(state["timeline"], since)
+            self.ledger.load_state_dict(state["ledger"], since)
+            for i, layer in enumerate(self.layers):
+                layer.load_state_dict(layers[str(i)], since)
+            self._load_own_state(state["session"], since, counters)
+            self._event_sizes = self.timeline.event_sizes()
+            check_counts(
+                mark,
+                computed=self.timeline.num_tokens,
+                tokens=len(self.token_ids),
+                spans=self.ledger.tokens,
+                events=len(self.timeline.events),
+                chars=self.ledger.chars,
+            )
+            expect(
+                all(len(layer.events_k) == mark.events for layer in self.layers), "layers hold other events"
+            )
+
+    def _load_own_state(self, state: State, since: Mark, counters: bool) -> None:
+        pending = vector(state["pending"], "pending", dtype=torch.int64).tolist()
+        self._check_vocabulary(self.timeline.token_ids[since.computed :] + pending)  # earlier ones: checked
+        last = state.get("last_logprobs")
+        self._pending = pending
+        self._last_logprobs = vector(last, "last_logprobs").float().clone() if last is not None else None
+        fields = ("decode_steps", "tokens_computed", "tokens_reused", "max_local_distance")
+        expect(all(is_count(state.get(name)) for name in fields), "session counters")
+        self._decode_steps = state["decode_steps"]
+        if counters:
+            self._tokens_computed = state["tokens_computed"]
+            self._tokens_reused = state["tokens_reused"]
+            self._max_local_distance = state["max_local_distance"]
 
     # -- persistence --------------------------------------------------------------------------------
     def save(self) -> None:
@@ -702,8 +818,10 @@ def _check_source_id(source_id: object) -> None:
         raise InvalidInputError(msg + (" (pass str(path))" if isinstance(source_id, PathLike) else ""))
 
 
-def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.clone()
+def _layer_state(rows: State, i: int) -> State:
+    layers = rows.get("layers")
+    expect(isinstance(layers, dict) and str(i) in layers, f"no state of layer {i}")
+    return layers[str(i)]
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

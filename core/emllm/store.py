@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from .errors import (
     ConfigError,
@@ -47,14 +47,16 @@ from .models import emllm_home
 from .snapshot import (
     SavedState,
     SegmentRecord,
-    read_snapshot,
-    restore,
-    saved_extent,
-    segment_payload,
-    serve_from_disk,
-    state_meta,
-    state_payload,
+    check_format1_text,
+    check_saved,
+    file_meta,
+    flatten,
+    read_pieces,
+    read_state,
+    segment_metadata,
+    state_metadata,
 )
+from .state import Mark, Piece, State
 from .store_index import INDEX_FILE, SessionIndex, SessionRow
 from .store_layout import (
     SessionFolder,
@@ -69,8 +71,27 @@ from .store_layout import (
 )
 from .tensorfiles import TensorFile, fsync_dir, regular_file_size, write_tensors
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class StoredSessionState(Protocol):
+    """What the store needs of a session (the store never imports Session): its id, its engine's model
+    identity, and its state (emllm.state)."""
+
+    id: str
+    engine: Any  # .name, .fingerprint, .config
+    saved: SavedState | None
+    timeline: Any
+
+    def mark(self) -> Mark: ...
+    def event_mark(self, events: int, floor: Mark) -> Mark: ...
+    def rows(self, start: Mark, stop: Mark) -> State: ...
+    def state_dict(
+        self, since: Mark | None = None, until: Mark | None = None, *, copy: bool = True
+    ) -> State: ...
+    def load_rows(self, pieces: list[Piece]) -> None: ...
+    def load_state_dict(self, state: State, since: Mark | None = None) -> None: ...
+    def serve_from_disk(self, pieces: list[Piece]) -> None: ...
+    def reset(self) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +203,15 @@ class SessionStore:
         folder = SessionFolder(self.sessions_root, row.folder)
         records = self._index.segments(session_id)
         segments = [(r, _open_segment(folder, r)) for r in records]
-        state = TensorFile(folder.path / row.state_file, row.state_checksums, expected_bytes=row.state_bytes)
-        read_snapshot(segments, state, row.tokens, row.events)
-        for mapped in [mapped for _, mapped in segments] + [state]:
+        state_file_ = TensorFile(
+            folder.path / row.state_file, row.state_checksums, expected_bytes=row.state_bytes
+        )
+        pieces, state, since = _read_saved(segments, state_file_)
+        try:
+            check_saved(pieces, state, since, row.tokens, row.events)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise CorruptSessionError(f"session {session_id!r} in {folder.path}: {exc}") from exc
+        for mapped in [mapped for _, mapped in segments] + [state_file_]:
             for name in mapped.names():
                 mapped.get(name)
 
@@ -208,7 +235,7 @@ class SessionStore:
             raise SessionLockedError(f"session {session_id!r} keeps moving folders; try again")
 
     def _check_writable(self, action: str) -> None:
-        self._index._check_process()
+        self._index.check_process()
         if self.read_only:
             raise ReadOnlyStoreError(f"cannot {action}: the store {self.root} is read-only here")
 
@@ -226,13 +253,13 @@ class SessionStore:
             self._index.close()
 
     # -- attach / save ----------------------------------------------------------------------------
-    def attach(self, session: Session) -> None:
+    def attach(self, session: StoredSessionState) -> None:
         """Lock the session for this engine and, if it was saved before, rebuild it from disk."""
         self.lock(session.id)
         try:
             row = self._recover(session.id, self._locks[session.id].folder, collect=True)
             if row is None:
-                session._saved = SavedState([], None, 0, 0)
+                session.saved = SavedState([], None, 0, 0)
                 return
             fingerprint = session.engine.fingerprint
             if row.fingerprint != fingerprint:
@@ -248,16 +275,21 @@ class SessionStore:
             self.unlock(session.id)
             raise
 
-    def _restore(self, session: Session, row: SessionRow) -> None:
+    def _restore(self, session: StoredSessionState, row: SessionRow) -> None:
         folder = SessionFolder(self.sessions_root, row.folder)
         records = self._index.segments(session.id)
         try:
             segments = [(r, _open_segment(folder, r)) for r in records]
-            state = TensorFile(
+            state_file_ = TensorFile(
                 folder.path / row.state_file, row.state_checksums, expected_bytes=row.state_bytes
             )
-            snapshot = read_snapshot(segments, state, row.tokens, row.events)
-            restore(session, snapshot, segments, state)
+            pieces, state, since = _read_saved(segments, state_file_)
+            session.load_rows(pieces)
+            session.load_state_dict(state, since)
+            if (row.tokens, row.events) != (len(session.token_ids), len(session.timeline.events)):
+                raise ValueError(
+                    f"it holds other tokens or events than its index row ({row.tokens}, {row.events})"
+                )
         except CorruptSessionError:
             session.reset()
             raise
@@ -266,48 +298,51 @@ class SessionStore:
             raise CorruptSessionError(
                 f"session {session.id!r} in {folder.path} cannot be read: {exc}"
             ) from exc
-        tokens, chars = saved_extent(session)
-        session._saved = SavedState(
-            records, row.state_file, tokens, chars, row.state_bytes, row.generation, row.created
+        mark = session.mark()
+        session.saved = SavedState(
+            records, row.state_file, mark.tokens, mark.chars, row.state_bytes, row.generation, row.created
         )
 
-    def save(self, session: Session) -> None:
+    def save(self, session: StoredSessionState) -> None:
         """Write what changed since the last save; atomic (all or nothing)."""
-        saved = session._saved
+        saved = session.saved
         lock = self._locks.get(session.id)
         if saved is None or lock is None:
             raise StoreError(f"session {session.id!r} is not attached to {self}")
-        self._index._check_process()
+        self._index.check_process()
         folder = lock.folder
         kept = saved.reusable_segments(session)
-        first_event = sum(r.n_events for r in kept)
-        token_start = kept[-1].token_end if kept else 0
-        char_start = kept[-1].char_end if kept else 0
-        payloads = []
-        if len(session.timeline.events) > first_event:
-            tensors, info = segment_payload(session, first_event, token_start, char_start)
-            payloads.append((tensors, info))
-            token_start, char_start = info["token_end"], info["char_end"]
-        state_tensors, state_info = state_payload(session, token_start, char_start)
-        self._check_disk_budget(saved, kept, [p[0] for p in payloads] + [state_tensors])
+        start, now = kept[-1].stop if kept else Mark(), session.mark()
+        segments = []
+        if now.events > start.events:  # one new segment: every event since the kept ones
+            stop = session.event_mark(now.events, start)
+            segments.append((start, stop, *flatten(session.rows(start, stop))))
+            start = stop
+        state_tensors, state_values = flatten(session.state_dict(start, now, copy=False))
+        self._check_disk_budget(saved, kept, [tensors for *_, tensors, _ in segments] + [state_tensors])
 
         generation = saved.generation + 1
         name = state_file(generation)
         new_records, written = [], []
         try:
-            for tensors, info in payloads:
-                segment = segment_file(info["first_event"])
+            for first, last, tensors, values in segments:
+                segment = segment_file(first.events)
                 written.append(segment)
-                checksums = write_tensors(folder.path / segment, tensors, {"emllm": json.dumps(info)})
+                info = SegmentRecord.between(first, last, segment, {}, 0).as_meta()
+                checksums = write_tensors(folder.path / segment, tensors, segment_metadata(info, values))
                 nbytes = (folder.path / segment).stat().st_size
-                new_records.append(SegmentRecord(file=segment, checksums=checksums, nbytes=nbytes, **info))
+                new_records.append(SegmentRecord.between(first, last, segment, checksums, nbytes))
             records = kept + new_records
-            row_fields = self._row_fields(session, generation)
-            state_info.update(generation=generation, row=row_fields, segments=[r.as_meta() for r in records])
-            written.append(name)
-            state_checksums = write_tensors(
-                folder.path / name, state_tensors, {"emllm": json.dumps(state_info)}
+            row_fields = self._row_fields(session, now, generation)
+            about = dict(
+                session_id=session.id,
+                generation=generation,
+                row=row_fields,
+                segments=[r.as_meta() for r in records],
             )
+            written.append(name)
+            metadata = state_metadata(about, start, state_values)
+            state_checksums = write_tensors(folder.path / name, state_tensors, metadata)
             state_bytes = (folder.path / name).stat().st_size
             fsync_dir(folder.path)
             row = _row(session.id, folder.name, row_fields, records, name, state_checksums, state_bytes)
@@ -321,9 +356,8 @@ class SessionStore:
         if saved.state_file:
             dropped.append(saved.state_file)
         folder.remove(dropped)
-        serve_from_disk(session, [(r, _open_segment(folder, r)) for r in records])
-        tokens, chars = saved_extent(session)
-        session._saved = SavedState(records, name, tokens, chars, state_bytes, generation, row.created)
+        session.serve_from_disk(read_pieces([(r, _open_segment(folder, r)) for r in records]))
+        session.saved = SavedState(records, name, now.tokens, now.chars, state_bytes, generation, row.created)
 
     def _publish(self, row: SessionRow, records: list[SegmentRecord]) -> None:
         try:
@@ -343,17 +377,16 @@ class SessionStore:
         return held is not None and held.state_file == state_name
 
     @staticmethod
-    def _row_fields(session: Session, generation: int) -> dict:
+    def _row_fields(session: StoredSessionState, mark: Mark, generation: int) -> dict:
         """What a state file records of its session's index row (to rebuild it from the file)."""
         now = time.time()
-        tokens, _ = saved_extent(session)
         return dict(
             model_name=session.engine.name,
             fingerprint=session.engine.fingerprint,
-            created=session._saved.created or now,
+            created=session.saved.created or now,
             updated=now,
-            tokens=tokens,
-            events=len(session.timeline.events),
+            tokens=mark.tokens,
+            events=mark.events,
             config=session.engine.config.model_dump_json(),
             generation=generation,
         )
@@ -473,7 +506,7 @@ class SessionStore:
                 state.get(tensor)  # every checksum: a save cut short never counts
         except CorruptSessionError as exc:
             raise _CutShort(str(exc)) from exc
-        meta = state_meta(state)
+        meta = file_meta(state)
         about, listed, owner = meta.get("row"), meta.get("segments"), meta.get("session_id")
         if (
             meta.get("generation") != generation
@@ -497,7 +530,7 @@ class SessionStore:
             records.append(SegmentRecord.from_meta(entry, segment.own_checksums()))
         try:
             segments = [(r, _open_segment(folder, r)) for r in records]
-            read_snapshot(segments, state, about.get("tokens"), about.get("events"))
+            _read_saved(segments, state)
             fields = dict(
                 about, state_file=name, state_checksums=state.own_checksums(), state_bytes=state.size
             )
@@ -677,6 +710,17 @@ class _Kept:
         self.reason = self.reason or reason
 
 
+def _read_saved(segments: list[tuple[SegmentRecord, TensorFile]], state_file_: TensorFile) -> tuple:
+    """(pieces, state, the mark the state's rows start at) of a saved session; nothing read yet but what
+    the layout needs."""
+    pieces = read_pieces(segments)
+    since = segments[-1][0].stop if segments else Mark()
+    state = read_state(state_file_, since)
+    if file_meta(state_file_)["format"] == 1:
+        check_format1_text(pieces, state, state_file_)
+    return pieces, state, since
+
+
 def _open_segment(folder: SessionFolder, record: SegmentRecord) -> TensorFile:
     check_file_name(record.file, f"session folder {folder.path}")
     return TensorFile(folder.path / record.file, record.checksums, expected_bytes=record.nbytes)
@@ -757,7 +801,7 @@ def _seconds(name: str, value) -> float:
 WINDOW_FIELDS = ("n_init", "n_local", "chunk_size")
 
 
-def _check_window(session: Session, saved_config: str | None) -> None:
+def _check_window(session: StoredSessionState, saved_config: str | None) -> None:
     if saved_config is None:
         return
     try:

@@ -189,13 +189,13 @@ class SessionIndex:
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
-        self._check_process()
+        self.check_process()
         with self._mutex, self._errors("read"):
             yield self._db
 
     @contextmanager
     def _transaction(self, action: str) -> Iterator[sqlite3.Connection]:
-        self._check_process()
+        self.check_process()
         if self.read_only:
             raise ReadOnlyStoreError(f"cannot {action} in {self.path.parent}: the store is read-only here")
         with self._mutex:
@@ -210,7 +210,7 @@ class SessionIndex:
                     self._db.execute("ROLLBACK")
                 raise
 
-    def _check_process(self) -> None:
+    def check_process(self) -> None:
         if os.getpid() != self.pid:
             raise ForkedStoreError(
                 f"this SessionStore ({self.path.parent}) was opened in process {self.pid} and is used in "

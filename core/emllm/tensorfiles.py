@@ -112,6 +112,11 @@ class TensorFile:
             return {}
         return parse_checksums(raw, str(self.path))
 
+    def ref(self, name: str) -> FileTensor:
+        """One tensor of the file, not read yet."""
+        self._entry(name)
+        return FileTensor(self, name)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)["shape"])
 
@@ -189,6 +194,31 @@ class TensorFile:
         if expected is not None and crc != expected:
             raise CorruptSessionError(f"{self.path}: tensor {name!r} fails its checksum (corrupted file)")
         self._verified.add(name)
+
+
+class FileTensor:
+    """A tensor of a TensorFile, read when asked for (whole, or rows of a (B, H, T, D) tensor)."""
+
+    __slots__ = ("file", "name")
+
+    def __init__(self, file: TensorFile, name: str) -> None:
+        self.file, self.name = file, name
+
+    def __repr__(self) -> str:
+        return f"FileTensor({str(self.file.path)!r}, {self.name!r}, shape={list(self.shape)})"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.file.shape(self.name)
+
+    def read(self) -> torch.Tensor:
+        return self.file.get(self.name)
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.file.read_rows(self.name, start, stop)
+
+    def nbytes(self) -> int:
+        return self.file.nbytes(self.name)
 
 
 def _as_tensor(data: bytes, entry: dict, shape: tuple[int, ...]) -> torch.Tensor:
@@ -307,4 +337,12 @@ def _tensor_span(path: Path, name: str, entry, data_bytes: int) -> tuple[int, in
     return begin, end
 
 
-__all__ = ["TensorFile", "fsync_dir", "parse_checksums", "regular_file_size", "tensor_crc", "write_tensors"]
+__all__ = [
+    "FileTensor",
+    "TensorFile",
+    "fsync_dir",
+    "parse_checksums",
+    "regular_file_size",
+    "tensor_crc",
+    "write_tensors",
+]

@@ -3,7 +3,7 @@
 The newest events live in RAM as tensors; saved ones are read from segment files when asked for (one
 file holds a run of consecutive events for every layer, concatenated along the token axis). Memory grows
 with the text on disk, not in RAM: after a save, the RAM copies are dropped.
-Knows nothing about sessions or the index; the store hands it opened segment files.
+Knows nothing about sessions or the index: a run reads through a tensor reference (`read_rows`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,17 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from .tensorfiles import TensorFile
+
+class RowSource(Protocol):
+    """A (B, H, T, D) tensor on disk: rows along T read on demand."""
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor: ...
+
+    def nbytes(self) -> int: ...
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -28,18 +35,17 @@ class DiskRun:
 
     first: int
     offsets: list[int]  # token offsets of each event inside the segment tensor, plus the end
-    segment: TensorFile
-    name: str  # e.g. "k.3"
+    source: RowSource
 
     @property
     def count(self) -> int:
         return len(self.offsets) - 1
 
     def event(self, j: int) -> torch.Tensor:
-        return self.segment.read_rows(self.name, self.offsets[j], self.offsets[j + 1])
+        return self.source.read_rows(self.offsets[j], self.offsets[j + 1])
 
     def nbytes(self) -> int:
-        return self.segment.nbytes(self.name)
+        return self.source.nbytes()
 
 
 class EventList:

@@ -15,7 +15,12 @@ Knows nothing about the engine: no configs, no layers, only tensors.
 """
 
 from .backend import KernelUnavailableError, interpreter_requested, triton_installed, unavailable_reason
-from .episodic_attention import episodic_attention, episodic_attention_reference
+from .episodic_attention import (
+    episodic_attention,
+    episodic_attention_reference,
+    fold_query_groups,
+    unfold_query_groups,
+)
 from .event_scores import event_scores, event_scores_reference
 from .received_mass import received_mass, received_mass_reference
 
@@ -25,9 +30,11 @@ __all__ = [
     "episodic_attention_reference",
     "event_scores",
     "event_scores_reference",
+    "fold_query_groups",
     "interpreter_requested",
     "received_mass",
     "received_mass_reference",
     "triton_installed",
     "unavailable_reason",
+    "unfold_query_groups",
 ]

@@ -44,10 +44,18 @@ def _check_shapes(q_mem, q_local, k_global, v_global, k_local, v_local, window_l
         raise ValueError(msg)
 
 
-def _fold(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """(B, Hq, L, ...) -> (B, Hkv, G*L, ...): query heads sharing a KV head become one longer query."""
+def fold_query_groups(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(B, Hq, L, ...) -> (B, Hkv, G*L, ...): query heads sharing a KV head become one longer query (GQA
+    without repeating K/V)."""
     b, hq, length = x.shape[:3]
     return x.reshape(b, num_kv_heads, (hq // num_kv_heads) * length, *x.shape[3:])
+
+
+def unfold_query_groups(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """Inverse of fold_query_groups for outputs (B, Hkv, G*L, D) and lse (B, Hkv, G*L)."""
+    b, hkv, gl = x.shape[:3]
+    length = gl // (num_q_heads // hkv)
+    return x.reshape(b, num_q_heads, length, *x.shape[3:])
 
 
 def local_visibility(query_len: int, window_len: int, groups: int, device) -> torch.Tensor:
@@ -74,8 +82,9 @@ def episodic_attention_reference(
     """
     _check_shapes(q_mem, q_local, k_global, v_global, k_local, v_local, window_len)
     hq, hkv, length = q_local.shape[1], k_local.shape[1], q_local.shape[2]
-    global_logits = _fold(q_mem, hkv).float() @ k_global.float().transpose(-1, -2)  # (B,Hkv,G*L,Ng)
-    local_logits = _fold(q_local, hkv).float() @ k_local.float().transpose(-1, -2)  # (B,Hkv,G*L,W+L)
+    fold = fold_query_groups
+    global_logits = fold(q_mem, hkv).float() @ k_global.float().transpose(-1, -2)  # (B,Hkv,G*L,Ng)
+    local_logits = fold(q_local, hkv).float() @ k_local.float().transpose(-1, -2)  # (B,Hkv,G*L,W+L)
     visible = local_visibility(length, window_len, hq // hkv, q_local.device)
     local_logits = local_logits.masked_fill(~visible, float("-inf"))
     logits = torch.cat((global_logits, local_logits), dim=-1) * scale
